@@ -1,0 +1,205 @@
+"""The one typed configuration: nested dataclasses loaded from YAML, with `--set key=value` overrides.
+
+Unknown keys and values of the wrong type are errors (a typo must never silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from rayforge.errors import RayforgeError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"  # mnist | cifar10 | synthetic (tests)
+    data_root: Optional[str] = None  # searched first, then $RAYFORGE_DATA, then the download cache
+    subset: Optional[int] = None  # n training points drawn by `seed` (the paper's sampling approximation)
+    flip: bool = False  # random horizontal flip, from flags recorded in the log
+    # synthetic only: a tiny generated dataset for tests (no files needed)
+    synthetic_train: int = 200
+    synthetic_test: int = 100
+    synthetic_shape: list = field(default_factory=lambda: [1, 8, 8])
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lenet5"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 100
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant | cosine (annealed per step to 0 over all steps)
+    checkpoint_every: Optional[int] = None  # steps; default: once per epoch
+    threads: Optional[int] = None  # torch intra-op threads; None keeps torch's default
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+
+
+@dataclass
+class ForgeConfig:
+    strategy: str = "paper"
+    kappa: int = 5
+    mu: int = 200
+    lam: int = 1
+    dsub_size: Optional[int] = None
+    chunk: int = 8  # candidates per batched gradient pass (bounds memory)
+
+
+@dataclass
+class RayConfig:
+    actors: int = 2
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0  # 1 on a GPU cluster
+    address: Optional[str] = None  # None: start or join local Ray
+
+
+@dataclass
+class WandbConfig:
+    mode: Optional[str] = None  # online | offline | disabled; None: online with an API key, else offline
+    project: str = "rayforge"
+    entity: Optional[str] = None
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    forge: ForgeConfig = field(default_factory=ForgeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, allowing int -> float; raise a one-line error otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise RayforgeError(f"config: '{where}' must be a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise RayforgeError(f"config: '{where}' must be an integer, got {value!r}")
+    expected = {"list": list, "dict": dict}.get(getattr(tp, "__name__", ""), tp)
+    if origin is not None:
+        expected = origin
+    if not isinstance(value, expected):
+        raise RayforgeError(f"config: '{where}' must be {getattr(expected, '__name__', expected)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else key
+            raise RayforgeError(f"config: unknown key '{where}' (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name in known:
+        if name in raw:
+            where = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _coerce(raw[name], hints[name], where)
+    return cls(**kwargs)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RayforgeError(f"config: cannot set '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: typing.Iterable[str]) -> list[tuple[str, Any]]:
+    """Parse `key=value` strings; values are YAML scalars (so `lr=0.1`, `flip=true`, `subset=null` work)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise RayforgeError(f"--set expects key=value, got '{item}'")
+        key, text = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(text)))
+    return out
+
+
+def config_from_dict(raw: dict, overrides: typing.Iterable[str] = ()) -> Config:
+    raw = dict(raw or {})
+    for key, value in parse_overrides(overrides):
+        _set_dotted(raw, key, value)
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise RayforgeError(f"config: no such file '{path}'")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RayforgeError(f"config: '{path}' is not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise RayforgeError(f"config: '{path}' must hold a mapping at the top level")
+    try:
+        return config_from_dict(raw, overrides)
+    except RayforgeError as exc:
+        raise RayforgeError(f"{exc} [in {path}]") from None
+
+
+def validate(cfg: Config) -> None:
+    t = cfg.train
+    checks = [
+        (t.epochs >= 1, "train.epochs must be >= 1"),
+        (t.batch_size >= 1, "train.batch_size must be >= 1"),
+        (t.lr > 0, "train.lr must be > 0"),
+        (0 <= t.momentum < 1, "train.momentum must be in [0, 1)"),
+        (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (t.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be 'constant' or 'cosine'"),
+        (t.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
+        (t.checkpoint_every is None or t.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (cfg.data.subset is None or cfg.data.subset >= 1, "data.subset must be >= 1"),
+        (cfg.forge.kappa >= 1, "forge.kappa must be >= 1"),
+        (cfg.forge.mu >= 1, "forge.mu must be >= 1"),
+        (cfg.forge.lam >= 1, "forge.lam must be >= 1"),
+        (cfg.forge.chunk >= 1, "forge.chunk must be >= 1"),
+        (cfg.ray.actors >= 1, "ray.actors must be >= 1"),
+        (cfg.wandb.mode in (None, "online", "offline", "disabled"), "wandb.mode must be online, offline or disabled"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise RayforgeError(f"config: {message}")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

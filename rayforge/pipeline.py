@@ -1,0 +1,23 @@
+"""The main job: every stage of the pipeline on Ray, in order. Today: training (the later stages plug in here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rayforge.config import Config, config_from_dict
+from rayforge.ray_utils import ray_session, resources
+from rayforge.train.trainer import check_fresh_dir, train
+
+
+def _train_remote(cfg_dict: dict, out_dir: str) -> dict:
+    return train(config_from_dict(cfg_dict), out_dir, progress=True)
+
+
+def run_pipeline(cfg: Config, out_dir: str | Path) -> dict:
+    out_dir = Path(out_dir).resolve()
+    check_fresh_dir(out_dir)  # fail before starting Ray
+    with ray_session(cfg.ray) as ray:
+        # Training is one sequential SGD run: a single task placed where the config says (a GPU on a cluster).
+        task = ray.remote(_train_remote).options(**resources(cfg.ray), max_retries=0)
+        summary = ray.get(task.remote(cfg.to_dict(), str(out_dir)))
+    return {"train": summary}

@@ -1,0 +1,26 @@
+"""The main job on local Ray, and the `ray job submit` entrypoints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from rayforge.pipeline import run_pipeline
+from rayforge.train.replay import replay
+from rayforge.train.run import TrainingRun
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_run_pipeline_on_local_ray(ray_local, tmp_path, make_config):
+    result = run_pipeline(make_config(), tmp_path / "run")
+    assert 0.0 <= result["train"]["test_accuracy"] <= 1.0
+    run = TrainingRun.open(tmp_path / "run")
+    assert replay(run, 0, run.checkpoints[1]).exact
+
+
+def test_job_entrypoints_are_the_cli():
+    for job in ("run.py", "train.py"):
+        out = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "--out" in out.stdout
