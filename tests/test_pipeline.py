@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_run_pipeline_on_local_ray(ray_local, tmp_path, make_config):
-    result = run_pipeline(make_config(), tmp_path / "run")
+    # threads unset: the run must log the thread count it used (1 in a Ray worker) so replay is exact here
+    result = run_pipeline(make_config(train={"threads": None}), tmp_path / "run")
     assert 0.0 <= result["train"]["test_accuracy"] <= 1.0
     run = TrainingRun.open(tmp_path / "run")
     assert replay(run, 0, run.checkpoints[1]).exact

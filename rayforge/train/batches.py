@@ -28,6 +28,12 @@ class TensorData:
                 x = apply_flips(x, flags)
         return x, self.y.index_select(0, index)
 
+    def stacked(self, idx: np.ndarray, flips: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Several minibatches at once: idx, flips of shape (m, b) -> x (m, b, C, H, W), y (m, b)."""
+        m, b = idx.shape
+        x, y = self.batch(idx.reshape(-1), flips.reshape(-1))
+        return x.reshape(m, b, *x.shape[1:]), y.reshape(m, b)
+
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, data: TensorData, batch_size: int = 1000) -> float:

@@ -6,9 +6,12 @@ interrupted run never leaves a partial log at RUN and never overwrites an existi
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
+
+import torch
 
 from rayforge.config import Config, dump_config
 from rayforge.data import build_dataset, dataset_info
@@ -47,6 +50,10 @@ def train(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
 
 
 def _train_into(cfg: Config, run_dir: Path, progress: bool) -> dict:
+    # Resolve the thread count into the logged config: CPU kernels round differently with other thread counts,
+    # and an exact replay must use the same one.
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=cfg.train.threads or
+                                                             torch.get_num_threads()))
     set_determinism(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     ds = build_dataset(cfg.data, cfg.seed)
