@@ -1,0 +1,69 @@
+"""Algorithm 2 (Appendix B's Algorithm 3 in full): the forged minibatch of part k at step t, strategy `paper`.
+
+For part k at step t (Alg. 3 lines 7-14):
+    line 8   D_sub ⊂ D \\ D_k^(t)                     (`dsub_size` points; default all of D \\ D_k, see below)
+    line 9   μ candidate minibatches of size b from D_sub, each without repeats
+    line 11  Flip(B_m) ~ Uniform({0,1}^b)              (only when the log was trained with flips)
+    line 13  m* = argmin_m ‖∇(ℓ(Aug(B_m)) + wd·R(θ)) − grad^(t)‖²   at θ^(t), with the original batch's own flips
+Lines 15-19 (which points use it) belong to phase 2: a group uses part k's batch at t iff a member is in B_t.
+
+D_sub default: the paper leaves its size open. We default to all of D \\ D_k (`dsub_size: null`): every candidate
+is then a uniform minibatch of the points allowed for part k, which is the most candidate diversity for the same μ
+and keeps forged batches as uniform as the original sampling (Table IV). A smaller `dsub_size` draws D_sub first.
+
+Weight decay: both gradients carry the same wd·θ term at the same θ, so it cancels in the distance; it enters
+`grad_norm` = ‖grad^(t)‖ only (see rayforge.train.sgd on the form of the term).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CANDIDATE_STREAM = 0xCA4D
+
+
+@dataclass(frozen=True)
+class ForgedBatch:
+    batch: np.ndarray  # int32 indices
+    flip: np.ndarray  # bool
+    grad_error: float  # ‖ĝ − g‖₂
+    grad_evals: int  # minibatch gradients spent on this choice
+
+
+def candidate_rng(seed: int, step: int, part: int) -> np.random.Generator:
+    """The RNG of one (step, part): results never depend on which actor or in which order units run."""
+    return np.random.default_rng([seed, CANDIDATE_STREAM, step, part])
+
+
+def draw_candidates(rng: np.random.Generator, allowed: np.ndarray, mu: int, b: int, flip: bool,
+                    dsub_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Lines 8-11: D_sub from the allowed points, then μ minibatches of b distinct points and their flip flags."""
+    dsub = allowed
+    if dsub_size is not None and dsub_size < len(allowed):
+        dsub = np.sort(rng.choice(allowed, size=dsub_size, replace=False))
+    if len(dsub) < b:
+        raise ValueError(f"D_sub has {len(dsub)} points, fewer than the batch size {b}")
+    idx = np.stack([rng.choice(dsub, size=b, replace=False) for _ in range(mu)]).astype(np.int64)
+    flips = rng.random((mu, b)) < 0.5 if flip else np.zeros((mu, b), dtype=bool)
+    return idx, flips
+
+
+def best_of_candidates(grads, params: dict[str, torch.Tensor], data, target: torch.Tensor, idx: np.ndarray,
+                       flips: np.ndarray) -> ForgedBatch:
+    """Line 13: the candidate whose minibatch gradient is closest to `target` (first one on ties)."""
+    dist = grads.distances(params, data, idx, flips, target)
+    best = int(torch.argmin(dist))
+    return ForgedBatch(idx[best].astype(np.int32), flips[best].copy(), float(dist[best]), len(idx))
+
+
+def forge_part(ctx, params: dict[str, torch.Tensor], step: int, part: int, target: torch.Tensor,
+               point_parts: np.ndarray) -> ForgedBatch:
+    """Strategy `paper` for one (step, part): best of μ random candidates from D \\ D_k."""
+    rng = candidate_rng(ctx.seed, step, part)
+    allowed = np.flatnonzero(point_parts != part)
+    b = len(ctx.steps.batch[step])
+    idx, flips = draw_candidates(rng, allowed, ctx.params.mu, b, ctx.flip, ctx.params.dsub_size)
+    return best_of_candidates(ctx.grads, params, ctx.data, target, idx, flips)

@@ -1,0 +1,223 @@
+"""Phase 1 as plain functions: units of work, one forging unit, and the output table.
+
+A unit is (checkpoint segment [start, stop), part k). Its worker restores θ at `start` from the log, steps the
+original trajectory itself (no weights are shipped) and, at every step, forges part k's minibatch. Every random
+choice is seeded by (seed, step, part), so a unit's rows are the same whoever computes them and in whatever order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from rayforge.config import Config
+from rayforge.errors import MalformedArtifact, RayforgeError
+from rayforge.forge import algorithm2
+from rayforge.forge.gradients import CandidateGradients, flatten
+from rayforge.forge.splits import Splits, check_split_params
+from rayforge.train.log import ckpt_name, read_checkpoint, write_parquet
+from rayforge.train.run import TrainingRun, hyper_of, set_determinism
+from rayforge.train.sgd import loss_and_grads, sgd_update
+
+FORGED_SCHEMA = pa.schema([
+    ("step", pa.int64()),
+    ("part", pa.int32()),
+    ("batch", pa.list_(pa.int32())),
+    ("flip", pa.list_(pa.bool_())),
+    ("grad_error", pa.float64()),
+    ("grad_norm", pa.float64()),
+])
+
+# strategy name -> fn(ctx, params, step, part, target_grad, point_parts) -> ForgedBatch
+STRATEGIES: dict[str, Callable] = {"paper": algorithm2.forge_part}
+
+
+def register_strategy(name: str):
+    def deco(fn):
+        STRATEGIES[name] = fn
+        return fn
+
+    return deco
+
+
+@dataclass(frozen=True)
+class ForgeParams:
+    """Everything that determines the output bytes (chunk and threads change float rounding, so they count)."""
+
+    strategy: str
+    kappa: int
+    mu: int
+    lam: int
+    dsub_size: int | None
+    seed: int
+    chunk: int
+    threads: int
+
+    @classmethod
+    def from_config(cls, cfg: Config, **overrides) -> "ForgeParams":
+        f = cfg.forge
+        values = dict(strategy=f.strategy, kappa=f.kappa, mu=f.mu, lam=f.lam, dsub_size=f.dsub_size, seed=cfg.seed,
+                      chunk=f.chunk, threads=max(1, int(cfg.ray.num_cpus_per_actor)))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def validate(self, n: int, batch_size: int) -> None:
+        if self.strategy not in STRATEGIES:
+            raise RayforgeError(f"forge: unknown strategy '{self.strategy}' (known: {', '.join(sorted(STRATEGIES))})")
+        if self.mu < 1:
+            raise RayforgeError(f"forge: mu={self.mu} must be >= 1")
+        check_split_params(n, self.lam, self.kappa)
+        smallest_allowed = n - -(-n // self.kappa) - self.lam  # |D \ D_k| for the largest part, conservatively
+        if min(self.dsub_size or n, smallest_allowed) < batch_size:
+            raise RayforgeError(f"forge: D \\ D_k (or dsub_size) must hold at least a batch of {batch_size} points")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class ForgeContext:
+    """What a forging worker holds once: the log, the training tensors, the splits and a gradient evaluator."""
+
+    def __init__(self, run: TrainingRun, params: ForgeParams, device: torch.device | None = None):
+        set_determinism(params.threads)
+        torch.set_num_threads(params.threads)
+        self.run, self.params, self.steps = run, params, run.steps
+        self.device = device or run.device()
+        self.data = run.tensor_data(run.load_dataset(), self.device)
+        self.flip, self.seed = run.cfg.data.flip, params.seed
+        self.hyper = hyper_of(run.cfg)
+        self.splits = Splits(len(self.data), params.lam, params.kappa, params.seed)
+        self.grads: CandidateGradients | None = None
+        self.strategy = STRATEGIES[params.strategy]
+
+    def gradient_evaluator(self, model) -> CandidateGradients:
+        if self.grads is None:  # parameters are passed functionally, so one copy serves every θ
+            self.grads = CandidateGradients(model, self.params.chunk)
+        return self.grads
+
+
+def plan_units(checkpoints: list[int], kappa: int) -> list[tuple[int, int, int]]:
+    """(start, stop, part) for every checkpoint segment and part, in output order."""
+    return [(a, b, k) for a, b in zip(checkpoints, checkpoints[1:]) for k in range(kappa)]
+
+
+def forge_unit(ctx: ForgeContext, start: int, stop: int, part: int) -> dict:
+    """Forge part `part` at steps start..stop-1; returns the unit's columns and its gradient-evaluation count."""
+    model, velocity = ctx.run.model_at(start, ctx.device)
+    grads = ctx.gradient_evaluator(model)
+    evals_before = grads.evaluations
+    wd = ctx.hyper.weight_decay
+    cols = {name: [] for name in FORGED_SCHEMA.names}
+    for t in range(start, stop):
+        x, y = ctx.data.batch(ctx.steps.batch[t], ctx.steps.flip[t])
+        _, g = loss_and_grads(model, x, y)  # grad^(t) at θ^(t) with the original flips (Alg. 3 line 5)
+        target = flatten(g)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            full = target + wd * flatten(params.values()) if wd else target
+            grad_norm = float(torch.linalg.vector_norm(full))
+        forged = ctx.strategy(ctx, params, t, part, target, ctx.splits.point_parts(t))
+        for name, value in (("step", t), ("part", part), ("batch", forged.batch), ("flip", forged.flip),
+                            ("grad_error", forged.grad_error), ("grad_norm", grad_norm)):
+            cols[name].append(value)
+        sgd_update(model, g, velocity, float(ctx.steps.lr[t]), ctx.hyper)  # step the original trajectory
+    check_segment_replays(ctx.run, model, start, stop)
+    return {"columns": cols, "grad_evals": grads.evaluations - evals_before + (stop - start)}
+
+
+# Forging workers may use another thread count than training did, which changes float rounding (measured: ~1e-7
+# per segment on MNIST/LeNet5); a tampered or foreign checkpoint is off by orders of magnitude more.
+REPLAY_TOLERANCE = 1e-4
+
+
+def check_segment_replays(run: TrainingRun, model, start: int, stop: int) -> None:
+    """Our replay of [start, stop) must land on the logged checkpoint at `stop`, or the log is not a valid PoL."""
+    stored = read_checkpoint(run.traj_dir / ckpt_name(stop))
+    worst = max(float((p.detach().cpu() - stored[f"param/{k}"]).abs().max()) for k, p in model.named_parameters())
+    if not worst <= REPLAY_TOLERANCE:
+        raise RayforgeError(f"{run.run_dir}: the log does not replay: steps {start}..{stop} end {worst:.3g} "
+                            f"(max abs) away from checkpoint {stop} (tolerance {REPLAY_TOLERANCE:g})")
+
+
+def unit_table(columns: dict) -> pa.Table:
+    return pa.table({
+        "step": pa.array(columns["step"], pa.int64()),
+        "part": pa.array(columns["part"], pa.int32()),
+        "batch": pa.array([np.asarray(b, np.int32) for b in columns["batch"]], pa.list_(pa.int32())),
+        "flip": pa.array([np.asarray(f, bool) for f in columns["flip"]], pa.list_(pa.bool_())),
+        "grad_error": pa.array(columns["grad_error"], pa.float64()),
+        "grad_norm": pa.array(columns["grad_norm"], pa.float64()),
+    }, schema=FORGED_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------- output on disk
+
+def forge_dir(run_dir: Path, strategy: str) -> Path:
+    return Path(run_dir) / "forge" / strategy
+
+
+def unit_path(out: Path, start: int, part: int) -> Path:
+    return out / "units" / f"seg-{start:08d}-part-{part:04d}.parquet"
+
+
+def prepare_output(out: Path, params: ForgeParams) -> None:
+    """Create the output dir, or check an existing one (a resume) was made with the same parameters."""
+    (out / "units").mkdir(parents=True, exist_ok=True)
+    path = out / "params.json"
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise MalformedArtifact(f"{path}: unreadable") from None
+        if previous != params.to_json():
+            raise RayforgeError(f"{out} holds progress made with other parameters {previous}; "
+                                f"remove it or choose a different strategy directory")
+    else:
+        from rayforge.train.log import atomic_write_json
+
+        atomic_write_json(path, params.to_json())
+
+
+def read_unit(path: Path) -> pa.Table | None:
+    """A finished unit's table, or None when absent or unreadable (then the unit is simply redone)."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException):
+        return None
+    return table if table.schema.remove_metadata() == FORGED_SCHEMA else None
+
+
+def merge_units(out: Path, units: list[tuple[int, int, int]]) -> pa.Table:
+    """All unit tables -> forged.parquet sorted by (step, part); written atomically."""
+    tables = [read_unit(unit_path(out, start, part)) for start, _, part in units]
+    if any(t is None for t in tables):
+        raise RayforgeError(f"{out}: cannot merge, some units are missing")
+    table = pa.concat_tables(tables).sort_by([("step", "ascending"), ("part", "ascending")])
+    write_parquet(out / "forged.parquet", table)
+    return table
+
+
+def read_forged(path: Path, kappa: int | None = None, n_points: int | None = None) -> pa.Table:
+    """Read and validate a forged table (schema, sorted unique (step, part), indices in range)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MalformedArtifact(f"missing forged table {path}; run `rayforge forge` first")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise MalformedArtifact(f"{path}: unreadable Parquet ({exc})") from None
+    if table.schema.remove_metadata() != FORGED_SCHEMA:
+        raise MalformedArtifact(f"{path}: wrong schema")
+    key = table.column("step").to_numpy() * (1 << 20) + table.column("part").to_numpy()
+    if np.any(np.diff(key) <= 0):
+        raise MalformedArtifact(f"{path}: rows must be sorted by (step, part) without duplicates")
+    if kappa is not None and len(table) and table.column("part").to_numpy().max() >= kappa:
+        raise MalformedArtifact(f"{path}: part index >= kappa={kappa}")
+    return table
