@@ -112,9 +112,10 @@ def run(config, out_dir, overrides):
     cfg = load_config(config, overrides)
     start = time.perf_counter()
     result = run_pipeline(cfg, out_dir)
-    t = result["train"]
+    t, f = result["train"], result["forge"]
     click.echo(f"run done in {time.perf_counter() - start:.1f}s: test_accuracy={t['test_accuracy']:.4f} "
-               f"train_wall={t['train_wall_s']:.1f}s -> {out_dir}")
+               f"train_wall={t['train_wall_s']:.1f}s forge_wall={f['forge_wall_s']:.1f}s "
+               f"grad_error/grad_norm median={f['rel_error_median']:.4f} -> {out_dir}")
 
 
 if __name__ == "__main__":

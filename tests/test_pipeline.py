@@ -19,6 +19,8 @@ def test_run_pipeline_on_local_ray(ray_local, tmp_path, make_config):
     assert 0.0 <= result["train"]["test_accuracy"] <= 1.0
     run = TrainingRun.open(tmp_path / "run")
     assert replay(run, 0, run.checkpoints[1]).exact
+    assert result["forge"]["rows"] == run.total_steps * 2  # every (step, part) forged, kappa=2
+    assert (tmp_path / "run" / "forge" / "paper" / "forged.parquet").is_file()
 
 
 def test_job_entrypoints_are_the_cli():
