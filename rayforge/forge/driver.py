@@ -1,16 +1,14 @@
 """Phase 1 on Ray: the driver hands (segment, part) units to forging actors and writes their results.
 
 Actors each hold the log, the training tensors and a model once (one GPU each on a cluster), restore θ from the
-log's checkpoints and step the original trajectory themselves, so no weights travel per step. At most
-`INFLIGHT_PER_ACTOR` units wait per actor. The driver alone writes: each finished unit goes to its own file at once
-(atomic), so a stopped run (Ctrl-C, killed driver or actor) loses at most the units in flight, a rerun skips
-finished units, and the merged `forged.parquet` is byte-identical to an uninterrupted run's. A dead actor is
-replaced and its units are redone.
+log's checkpoints and step the original trajectory themselves, so no weights travel per step (scheduling, bounded
+in-flight work and dead-actor replacement: rayforge.stage). The driver alone writes: each finished unit goes to its
+own file at once (atomic), so a stopped run (Ctrl-C, killed driver or actor) loses at most the units in flight, a
+rerun skips finished units, and the merged `forged.parquet` is byte-identical to an uninterrupted run's.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import time
 from pathlib import Path
@@ -19,17 +17,13 @@ from typing import Callable
 import numpy as np
 
 from rayforge.config import RayConfig, WandbConfig
-from rayforge.errors import RayforgeError
 from rayforge.forge.engine import (ForgeContext, ForgeParams, forge_dir, forge_unit, merge_units, plan_units,
                                    prepare_output, read_unit, unit_path, unit_table)
-from rayforge.progress import progress_bar
-from rayforge.ray_utils import ray_session, resources
+from rayforge.stage import run_units
 from rayforge.tracking import MetricLogger
 from rayforge.train.log import atomic_write_json, write_parquet
 from rayforge.train.run import TrainingRun
 
-INFLIGHT_PER_ACTOR = 2
-MAX_REPLACEMENTS_PER_ACTOR = 3
 
 
 class ForgeWorker:
@@ -86,71 +80,33 @@ def run_forge(run_dir: str | Path, params: ForgeParams, actors: int, ray_cfg: Ra
     out = forge_dir(run.run_dir, params.strategy)
     prepare_output(out, params)
     units = plan_units(run.checkpoints, params.kappa)
-    todo = collections.deque(u for u in units if read_unit(unit_path(out, u[0], u[2])) is None)
-    stop_after = len(todo) if max_units is None else min(max_units, len(todo))
+    todo = [u for u in units if read_unit(unit_path(out, u[0], u[2])) is None]
     progress_path = out / "progress.json"  # gradient evaluations per unit and driver time, summed over resumes
     record = _read_progress(progress_path)
     evals, elapsed_before = record["evals"], record["elapsed_s"]
     start_time = time.perf_counter()
-    bar = progress_bar(total=len(units), desc=f"forge[{params.strategy}]", unit="unit", disable=not progress)
-    bar.update(len(units) - len(todo))
-    done = 0
-    if todo:
-        with ray_session(ray_cfg) as ray:
-            actor_cls = ray.remote(ForgeWorker).options(**resources(ray_cfg), max_restarts=0)
-            pool = [actor_cls.remote(str(run.run_dir), params.to_json()) for _ in range(min(actors, len(todo)))]
-            inflight: dict = {}
-            replacements = 0
+    totals = {"rel": 0.0, "rows": 0, "evals": 0}
 
-            def submit(slot: int) -> None:
-                while todo and done + len(inflight) < stop_after and \
-                        sum(1 for s in inflight.values() if s[1] == slot) < INFLIGHT_PER_ACTOR:
-                    unit = todo.popleft()
-                    inflight[pool[slot].forge.remote(*unit)] = (unit, slot)
+    def save(unit, result) -> None:
+        # Record first, then the unit: a kill in between only redoes the unit, whose count is the same.
+        evals[f"{unit[0]}:{unit[2]}"] = result["grad_evals"]
+        atomic_write_json(progress_path, {"evals": evals,
+                                          "elapsed_s": elapsed_before + time.perf_counter() - start_time})
+        write_parquet(unit_path(out, unit[0], unit[2]), unit_table(result["columns"]))
+        cols = result["columns"]
+        rel = np.asarray(cols["grad_error"]) / np.maximum(np.asarray(cols["grad_norm"]), 1e-30)
+        totals["rel"] += float(rel.sum())
+        totals["rows"] += len(rel)
+        totals["evals"] += result["grad_evals"]
+        if on_unit:
+            on_unit(unit)
 
-            for slot in range(len(pool)):
-                submit(slot)
-            rel_sum, rel_n, cand = 0.0, 0, 0
-            while inflight:
-                [ref], _ = ray.wait(list(inflight), num_returns=1)
-                unit, slot = inflight.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:
-                    if isinstance(exc.cause, RayforgeError):  # bad input found by a worker: one clear line
-                        raise exc.cause from None
-                    raise
-                except ray.exceptions.RayActorError as exc:
-                    # The actor died: requeue its units and replace it (its other in-flight unit fails the same way).
-                    replacements += 1
-                    if replacements > MAX_REPLACEMENTS_PER_ACTOR * len(pool):
-                        raise RayforgeError(f"forging actors keep dying ({replacements} replaced); last: "
-                                            f"{str(exc).splitlines()[0]}") from None
-                    todo.appendleft(unit)
-                    lost = [r for r, (_, s) in inflight.items() if s == slot]
-                    for r in lost:
-                        todo.appendleft(inflight.pop(r)[0])
-                    pool[slot] = actor_cls.remote(str(run.run_dir), params.to_json())
-                    submit(slot)
-                    continue
-                # Record first, then the unit: a kill in between only redoes the unit, whose count is the same.
-                evals[f"{unit[0]}:{unit[2]}"] = result["grad_evals"]
-                atomic_write_json(progress_path, {"evals": evals,
-                                                  "elapsed_s": elapsed_before + time.perf_counter() - start_time})
-                write_parquet(unit_path(out, unit[0], unit[2]), unit_table(result["columns"]))
-                done += 1
-                cols = result["columns"]
-                rel = np.asarray(cols["grad_error"]) / np.maximum(np.asarray(cols["grad_norm"]), 1e-30)
-                rel_sum, rel_n, cand = rel_sum + rel.sum(), rel_n + len(rel), cand + result["grad_evals"]
-                bar.update(1)
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(cand_per_s=f"{cand / (time.perf_counter() - start_time):.0f}",
-                                    rel_err=f"{rel_sum / rel_n:.3f}")
-                if on_unit:
-                    on_unit(unit)
-                submit(slot)
-    bar.close()
-    if todo:
+    def postfix(result, elapsed: float) -> dict:
+        return {"cand_per_s": f"{totals['evals'] / elapsed:.0f}", "rel_err": f"{totals['rel'] / totals['rows']:.3f}"}
+
+    ran = run_units(todo, ForgeWorker, (str(run.run_dir), params.to_json()), "forge", ray_cfg, actors, save,
+                    f"forge[{params.strategy}]", len(units), progress, max_units, postfix)
+    if ran < len(todo):
         return None  # stopped early: progress is on disk, a rerun resumes
     wall = elapsed_before + time.perf_counter() - start_time
     return _finish(out, run, params, units, wall, sum(evals.values()), wandb_cfg)
