@@ -100,6 +100,28 @@ def forge(run_dir, strategy, kappa, mu, lam, dsub_size, actors):
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--strategy", default=None, help="Phase-1 output to rebuild from (default: the config's).")
+@click.option("--actors", type=int, default=None, help="Rebuild actors (default: the config's ray.actors).")
+@click.option("--method", type=click.Choice(["sequential", "batched"]), default="sequential",
+              help="One model at a time (bit-exact with verify), or several stacked with torch.func.")
+@click.option("--groups-per-unit", type=int, default=4, help="Groups per unit of work.")
+@click.option("--save-models", type=int, default=0, help="Keep the forged models of the first K groups.")
+@user_errors
+def rebuild(run_dir, strategy, actors, method, groups_per_unit, save_models):
+    """Phase 2: rebuild the forged model of every group and write its distance to the original."""
+    from rayforge.rebuild.driver import RebuildParams, run_rebuild
+    from rayforge.train.run import TrainingRun
+
+    cfg = TrainingRun.open(run_dir).cfg
+    params = RebuildParams(strategy or cfg.forge.strategy, method, groups_per_unit,
+                           max(1, int(cfg.ray.num_cpus_per_actor)))
+    s = run_rebuild(run_dir, params, actors or cfg.ray.actors, cfg.ray, cfg.wandb, save_models=save_models)
+    click.echo(f"rebuilt {s['groups']} forged models: d_theta median {s['d_theta_median']:.3g} "
+               f"p90 {s['d_theta_p90']:.3g}")
+
+
+@main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
 @set_option
@@ -115,7 +137,8 @@ def run(config, out_dir, overrides):
     t, f = result["train"], result["forge"]
     click.echo(f"run done in {time.perf_counter() - start:.1f}s: test_accuracy={t['test_accuracy']:.4f} "
                f"train_wall={t['train_wall_s']:.1f}s forge_wall={f['forge_wall_s']:.1f}s "
-               f"grad_error/grad_norm median={f['rel_error_median']:.4f} -> {out_dir}")
+               f"grad_error/grad_norm median={f['rel_error_median']:.4f} "
+               f"d_theta median={result['rebuild']['d_theta_median']:.3g} -> {out_dir}")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ def run_units(units: Iterable[Any], worker_cls: type, worker_args: tuple, method
                     raise exc.cause from None
                 raise
             except ray.exceptions.RayActorError as exc:
+                if getattr(exc, "actor_init_failed", False):  # a broken worker, not a lost one: retrying cannot help
+                    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+                    raise RayforgeError(f"{desc}: a worker failed to start: {lines[-1].strip()}") from None
                 # The actor died: requeue its units (its other in-flight one fails the same way) and replace it.
                 replacements += 1
                 if replacements > MAX_REPLACEMENTS_PER_ACTOR * len(pool):

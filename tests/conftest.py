@@ -61,3 +61,34 @@ def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
     train(tiny_config(train={"checkpoint_every": 3}), out, progress=False)
     return out
+
+
+def forge_in_process(run_dir, kappa=2, mu=3, lam=2, strategy="paper"):
+    """Phase 1 with the plain functions (no Ray), written where `rayforge forge` writes it."""
+    import pyarrow as pa
+
+    from rayforge.forge.engine import (ForgeContext, ForgeParams, forge_dir, forge_unit, plan_units,
+                                       prepare_output, unit_table)
+    from rayforge.train.log import write_parquet
+    from rayforge.train.run import TrainingRun
+
+    run = TrainingRun.open(run_dir)
+    params = ForgeParams.from_config(run.cfg, strategy=strategy, kappa=kappa, mu=mu, lam=lam, threads=1, chunk=3)
+    ctx = ForgeContext(run, params)
+    tables = [unit_table(forge_unit(ctx, a, b, k)["columns"]) for a, b, k in plan_units(run.checkpoints, kappa)]
+    out = forge_dir(run_dir, strategy)
+    prepare_output(out, params)
+    table = pa.concat_tables(tables).sort_by([("step", "ascending"), ("part", "ascending")])
+    write_parquet(out / "forged.parquet", table)
+    return params
+
+
+@pytest.fixture(scope="module")
+def forged_run(trained_run, tmp_path_factory):
+    """The tiny run with phase 1 done in-process (kappa=2, mu=3, lam=2: 30 groups)."""
+    import shutil
+
+    dst = tmp_path_factory.mktemp("forged") / "run"
+    shutil.copytree(trained_run, dst)
+    forge_in_process(dst)
+    return dst

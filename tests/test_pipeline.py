@@ -21,6 +21,7 @@ def test_run_pipeline_on_local_ray(ray_local, tmp_path, make_config):
     assert replay(run, 0, run.checkpoints[1]).exact
     assert result["forge"]["rows"] == run.total_steps * 2  # every (step, part) forged, kappa=2
     assert (tmp_path / "run" / "forge" / "paper" / "forged.parquet").is_file()
+    assert result["rebuild"]["groups"] == 60 and result["rebuild"]["d_theta_median"] > 0  # lam=1
 
 
 def test_job_entrypoints_are_the_cli():

@@ -83,7 +83,8 @@ class Population:
                                 f"{points.shape}")
         if points.size and (points.min() < 0 or points.max() >= len(self)):
             raise RayforgeError(f"point ids must lie in 0..{len(self) - 1}")
-        return points.astype(np.int64, copy=False)
+        # Contiguous: torch cannot wrap the negative strides of e.g. points[::-1].
+        return np.ascontiguousarray(points, dtype=np.int64)
 
     def fingerprint(self) -> str:
         """Identifies the population's content and preprocessing (recorded with saved shadows)."""

@@ -1,4 +1,7 @@
-"""Exact threshold search: the best of all candidate thresholds (the sorted unique scores), vectorised.
+"""Exact threshold search: the best of all candidate thresholds, vectorised.
+
+The candidates are the sorted unique scores plus +inf: `score >= s_j` realises every split of the sorted scores
+except "nobody is a member", which +inf adds (the best rule for a class whose members score *lower*).
 
 Convention everywhere: higher score = more likely member, and a point is predicted a member iff score >= threshold.
 """
@@ -19,13 +22,13 @@ def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def threshold_accuracies(scores: np.ndarray, labels: np.ndarray, balanced: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Every candidate threshold (ascending unique scores) and the accuracy of `score >= t` at each.
+    """Every candidate threshold (ascending unique scores, then +inf) and the accuracy of `score >= t` at each.
 
     balanced=True gives (TPR + TNR) / 2, the criterion of the inspire-group reference code; False gives plain
     accuracy (TP + TN) / total. A class with no examples contributes rate 0 to the balanced criterion.
     """
     scores, labels = _check(scores, labels)
-    candidates = np.unique(scores)
+    candidates = np.r_[np.unique(scores), np.inf]
     pos, neg = np.sort(scores[labels]), np.sort(scores[~labels])
     # searchsorted(left) counts the entries below t, so "len - that" counts score >= t: one pass for all t.
     tp = len(pos) - np.searchsorted(pos, candidates, side="left")

@@ -113,20 +113,49 @@ def _recording(layers):
             h.remove()
 
 
-def _unfold(layer: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C·kh·kw, L): the patches the convolution multiplies with its weight."""
-    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":  # pad exactly as Conv2d.forward does
+def _padded(layer: nn.Conv2d, a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The input as the convolution sees it, and the zero padding still to apply (as Conv2d.forward pads)."""
+    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
         mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-        a = F.pad(a, layer._reversed_padding_repeated_twice, mode=mode)
-        padding = 0
-    else:
-        padding = layer.padding
-    return F.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
+        return F.pad(a, layer._reversed_padding_repeated_twice, mode=mode), (0, 0)
+    return a, tuple(layer.padding)
+
+
+def _patches(layer: nn.Conv2d, a: torch.Tensor, ho: int, wo: int, groups: int) -> torch.Tensor:
+    """The unfolded input (what F.unfold gives, as one strided copy, which is several times faster than im2col
+    here): (G, C·kh·kw, s·ho·wo) with the s = N/G samples of a group side by side along the last axis."""
+    a, padding = _padded(layer, a)
+    if any(padding):
+        a = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
+    a = a.contiguous()
+    n, c = a.shape[:2]
+    (kh, kw), (dh, dw), (sh, sw) = layer.kernel_size, layer.dilation, layer.stride
+    s_n, s_c, s_h, s_w = a.stride()
+    s = n // groups
+    view = a.as_strided((groups, c, kh, kw, s, ho, wo), (s * s_n, s_c, dh * s_h, dw * s_w, s_n, sh * s_h, sw * s_w))
+    return view.reshape(groups, c * kh * kw, s * ho * wo)
+
+
+def _conv_weight_sums(layer: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, groups: int) -> torch.Tensor:
+    """Σ over each group of the weight gradient, by the native convolution weight-gradient kernel per group (for
+    spatially large outputs this beats materialising the unfolded input several times over)."""
+    a, padding = _padded(layer, a)
+    s = a.shape[0] // groups
+    weight = layer.weight
+    grads = [torch.ops.aten.convolution_backward(d[g * s:(g + 1) * s], a[g * s:(g + 1) * s], weight, None,
+                                                 layer.stride, padding, layer.dilation, False, [0, 0], 1,
+                                                 (False, True, False))[1] for g in range(groups)]
+    return torch.stack(grads)
+
+
+# A group's conv weight gradient goes through the unfolded input when that is at most this many times the size of
+# the input itself (e.g. a kernel covering the whole map, L = 1), else through the native kernel per group.
+UNFOLD_MAX_GROWTH = 2.0
 
 
 def _group_grads(layer: nn.Module, a: torch.Tensor, d: torch.Tensor, groups: int) -> dict[str, torch.Tensor]:
-    """Sum over each of `groups` consecutive equal groups of samples of the layer's per-sample gradients, computed
-    as batched matmuls (no per-sample gradients unless a group is a single sample)."""
+    """Sum over each of `groups` consecutive equal groups of samples of the layer's per-sample gradients, without
+    materialising per-sample gradients unless a group is a single sample."""
     n = a.shape[0]
     if d.shape[0] != n or n % groups:
         raise RayforgeError(f"{type(layer).__name__}: input/output leading dims {a.shape[0]}/{d.shape[0]} are not "
@@ -134,27 +163,26 @@ def _group_grads(layer: nn.Module, a: torch.Tensor, d: torch.Tensor, groups: int
     s = n // groups
     out = {}
     if isinstance(layer, nn.Linear):
-        a = a.reshape(groups, -1, a.shape[-1])  # (G, s·T, in)
+        a = a.reshape(groups, -1, a.shape[-1])  # (G, s·T, in): extra input dims fold into the sample axis
         d = d.reshape(groups, -1, d.shape[-1])  # (G, s·T, out)
-        if layer.weight is not None:
-            out["weight"] = torch.bmm(d.transpose(1, 2), a)
+        out["weight"] = torch.bmm(d.transpose(1, 2), a)
         if layer.bias is not None:
             out["bias"] = d.sum(1)
         return out
-    if a.dim() != 4:
+    if a.dim() != 4 or d.dim() != 4:
         raise RayforgeError(f"Conv2d hooks need batched 4-d inputs, got shape {tuple(a.shape)}")
-    u = _unfold(layer, a)  # (N, K, L)
-    k, length = u.shape[1], u.shape[2]
-    o = d.shape[1]
-    if s == 1:
-        u3, d3 = u, d.reshape(groups, o, length)  # contraction over positions only
-    else:  # (G, s, K, L) -> (G, K, s·L): contraction over samples and positions in one matmul
-        u3 = u.view(groups, s, k, length).transpose(1, 2).reshape(groups, k, s * length)
-        d3 = d.reshape(groups, s, o, length).transpose(1, 2).reshape(groups, o, s * length)
-    if layer.weight is not None:
-        out["weight"] = torch.bmm(d3, u3.transpose(1, 2)).view(groups, *layer.weight.shape)
+    o, ho, wo = d.shape[1:]
+    length = ho * wo
+    k = a.shape[1] * layer.kernel_size[0] * layer.kernel_size[1]
+    if s == 1 or k * length <= UNFOLD_MAX_GROWTH * a[0].numel():
+        u = _patches(layer, a, ho, wo, groups)  # (G, K, s·L)
+        d3 = d.reshape(groups, s, o, length)
+        d3 = d3.reshape(groups, o, length) if s == 1 else d3.transpose(1, 2).reshape(groups, o, s * length)
+        out["weight"] = torch.bmm(d3, u.transpose(1, 2)).view(groups, *layer.weight.shape)
+    else:
+        out["weight"] = _conv_weight_sums(layer, a, d, groups)
     if layer.bias is not None:
-        out["bias"] = d3.sum(2)
+        out["bias"] = d.reshape(groups, s, o, length).sum((1, 3))
     return out
 
 
@@ -179,6 +207,11 @@ def _grouped_pass(model: nn.Module, layers, sources, params: dict[str, torch.Ten
             raise UnsupportedModel(f"the output of a {type(layer).__name__} was modified in place; the hook path "
                                    f"needs out-of-place ops after Conv2d/Linear layers")
     douts = torch.autograd.grad(loss, [r[2] for r in records], allow_unused=True)
+    with torch.no_grad():
+        return _assemble(records, douts, sources, params, groups)
+
+
+def _assemble(records, douts, sources, params, groups: int) -> torch.Tensor:
     per_layer: dict[int, dict[str, torch.Tensor]] = {}
     for (layer, a, output, _), d in zip(records, douts):
         if d is None:

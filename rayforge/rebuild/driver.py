@@ -1,0 +1,132 @@
+"""Phase 2 on Ray: actors rebuild the n/λ forged models, hand each to a consumer, and keep only what is asked.
+
+Units are runs of consecutive groups. An actor rebuilds a unit's groups (one at a time, or stacked with
+`method="batched"`), passes every forged model to the stage's consumer (phase-2 attack scoring plugs in here) and
+returns the distance rows, the consumer's output and, for groups below `save_models`, the model's state. The driver
+writes each unit's rows as they arrive, so the stage resumes like phase 1 and ends with the same bytes for any
+number of actors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rayforge.config import RayConfig, WandbConfig
+from rayforge.errors import RayforgeError
+from rayforge.rebuild.engine import (DISTANCES_SCHEMA, RebuildContext, distances_table, rebuild_group,
+                                     rebuild_groups_batched)
+from rayforge.stage import run_units
+from rayforge.tracking import MetricLogger
+from rayforge.train.log import atomic_write_json, state_tensors, write_parquet
+from rayforge.train.run import TrainingRun
+
+METHODS = ("sequential", "batched")
+
+
+@dataclass(frozen=True)
+class RebuildParams:
+    strategy: str = "paper"
+    method: str = "sequential"
+    groups_per_unit: int = 4
+    threads: int = 1
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise RayforgeError(f"rebuild: method must be one of {METHODS}, got '{self.method}'")
+        if self.groups_per_unit < 1:
+            raise RayforgeError("rebuild: groups_per_unit must be >= 1")
+
+
+def rebuild_dir(run_dir: Path, strategy: str) -> Path:
+    return Path(run_dir) / "rebuild" / strategy
+
+
+class RebuildWorker:
+    """A rebuild actor (wrapped with ray.remote by the driver). `consumer_factory()` builds, once per actor, the
+    callable that receives every forged model: consumer(group, members, model) -> JSON-able dict."""
+
+    def __init__(self, run_dir: str, params: dict, save_models: int, consumer_factory: Callable | None = None):
+        self.params = RebuildParams(**params)
+        self.ctx = RebuildContext(TrainingRun.open(run_dir), self.params.strategy, self.params.threads)
+        self.save_models = save_models
+        self.consumer = consumer_factory() if consumer_factory else None
+
+    def rebuild(self, first: int, last: int) -> dict:
+        groups = list(range(first, last))
+        if self.params.method == "batched":
+            results = rebuild_groups_batched(self.ctx, groups)
+        else:
+            results = [rebuild_group(self.ctx, g) for g in groups]
+        out: dict[str, Any] = {"rows": [r.row for r in results], "consumed": [], "models": {}}
+        for r in results:
+            g = r.row["group"]
+            if self.consumer:
+                out["consumed"].append(self.consumer(g, r.row["members"], r.model))
+            if g < self.save_models:
+                out["models"][g] = state_tensors(r.model, None)
+        return out
+
+
+def _unit_path(out: Path, first: int) -> Path:
+    return out / "units" / f"groups-{first:08d}.parquet"
+
+
+def _read_unit(path: Path) -> pa.Table | None:
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException):
+        return None
+    return table if table.schema.remove_metadata() == DISTANCES_SCHEMA else None
+
+
+def run_rebuild(run_dir: str | Path, params: RebuildParams, actors: int, ray_cfg: RayConfig,
+                wandb_cfg: WandbConfig, save_models: int = 0, progress: bool = True, max_units: int | None = None,
+                consumer_factory: Callable | None = None,
+                on_consumed: Callable[[int, dict], None] | None = None) -> dict | None:
+    """Rebuild every group not yet on disk; write `distances.parquet` (sorted by group) when all are done.
+    `on_consumed(first_group, outputs)` receives, in the driver, what the consumer returned for a unit."""
+    params.validate()
+    run = TrainingRun.open(run_dir)
+    from rayforge.rebuild.forged_log import ForgedLogs
+
+    num_groups = ForgedLogs(run, params.strategy).num_groups  # also validates phase 1's output
+    out = rebuild_dir(run.run_dir, params.strategy)
+    (out / "units").mkdir(parents=True, exist_ok=True)
+    (out / "models").mkdir(exist_ok=True)
+    params_path = out / "params.json"
+    if params_path.exists() and json.loads(params_path.read_text()) != asdict(params):
+        raise RayforgeError(f"{out} holds progress made with other parameters; remove it to start over")
+    atomic_write_json(params_path, asdict(params))
+    units = [(g, min(g + params.groups_per_unit, num_groups)) for g in range(0, num_groups, params.groups_per_unit)]
+    todo = [u for u in units if _read_unit(_unit_path(out, u[0])) is None]
+
+    def save(unit, result) -> None:
+        from safetensors.torch import save_file
+
+        for g, tensors in result["models"].items():
+            save_file(tensors, str(out / "models" / f"group-{g:08d}.safetensors"))
+        if on_consumed:
+            on_consumed(unit[0], result["consumed"])
+        write_parquet(_unit_path(out, unit[0]), distances_table(result["rows"]))  # last: marks the unit done
+
+    ran = run_units(todo, RebuildWorker, (str(run.run_dir), asdict(params), save_models, consumer_factory),
+                    "rebuild", ray_cfg, actors, save, f"rebuild[{params.strategy}]", len(units), progress, max_units)
+    if ran < len(todo):
+        return None
+    table = pa.concat_tables([_read_unit(_unit_path(out, first)) for first, _ in units])
+    write_parquet(out / "distances.parquet", table)
+    d = table.column("d_theta").to_numpy()
+    summary = {"groups": len(table), "d_theta_median": float(np.median(d)), "d_theta_p90": float(np.quantile(d, 0.9)),
+               "log10_d_theta_median": float(np.log10(np.median(d))) if np.median(d) > 0 else None}
+    with MetricLogger(run.run_dir, f"rebuild-{params.strategy}", wandb_cfg, asdict(params),
+                      run_name=run.cfg.name) as logger:
+        logger.summary(summary)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
