@@ -82,16 +82,19 @@ def replay(run_dir, start, stop, threads):
 @click.option("--mu", type=int, default=None, help="Candidate minibatches μ per (step, part).")
 @click.option("--lam", type=int, default=None, help="Group size λ (points sharing one PoR).")
 @click.option("--dsub", "dsub_size", type=int, default=None, help="|D_sub| (default: all of D \\ D_k).")
+@click.option("--points", type=int, default=None,
+              help="Sampling approximation: forge only what N sampled points' groups need (default: all).")
 @click.option("--actors", type=int, default=None, help="Forging actors (default: the config's ray.actors).")
 @user_errors
-def forge(run_dir, strategy, kappa, mu, lam, dsub_size, actors):
+def forge(run_dir, strategy, kappa, mu, lam, dsub_size, points, actors):
     """Phase 1: forge a minibatch for every (step, part) of RUN's log, on Ray; resumes where it stopped."""
     from rayforge.forge.driver import run_forge
     from rayforge.forge.engine import ForgeParams
     from rayforge.train.run import TrainingRun
 
     cfg = TrainingRun.open(run_dir).cfg
-    params = ForgeParams.from_config(cfg, strategy=strategy, kappa=kappa, mu=mu, lam=lam, dsub_size=dsub_size)
+    params = ForgeParams.from_config(cfg, strategy=strategy, kappa=kappa, mu=mu, lam=lam, dsub_size=dsub_size,
+                                     points=points)
     summary = run_forge(run_dir, params, actors or cfg.ray.actors, cfg.ray, cfg.wandb)
     click.echo(f"forged {summary['rows']} (step, part) batches in {summary['forge_wall_s']:.1f}s: "
                f"{summary['grad_evals_per_step']:.0f} gradient evaluations/step, "

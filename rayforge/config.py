@@ -55,6 +55,7 @@ class ForgeConfig:
     lam: int = 1
     dsub_size: Optional[int] = None
     chunk: int = 8  # candidates per batched gradient pass (bounds memory)
+    points: Optional[int] = None  # sampling approximation: only the groups of this many sampled points
 
 
 @dataclass

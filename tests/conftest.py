@@ -63,7 +63,7 @@ def trained_run(tmp_path_factory):
     return out
 
 
-def forge_in_process(run_dir, kappa=2, mu=3, lam=2, strategy="paper"):
+def forge_in_process(run_dir, kappa=2, mu=3, lam=2, strategy="paper", points=None):
     """Phase 1 with the plain functions (no Ray), written where `rayforge forge` writes it."""
     import pyarrow as pa
 
@@ -73,9 +73,11 @@ def forge_in_process(run_dir, kappa=2, mu=3, lam=2, strategy="paper"):
     from rayforge.train.run import TrainingRun
 
     run = TrainingRun.open(run_dir)
-    params = ForgeParams.from_config(run.cfg, strategy=strategy, kappa=kappa, mu=mu, lam=lam, threads=1, chunk=3)
+    params = ForgeParams.from_config(run.cfg, strategy=strategy, kappa=kappa, mu=mu, lam=lam, threads=1, chunk=3,
+                                     points=points)
     ctx = ForgeContext(run, params)
-    tables = [unit_table(forge_unit(ctx, a, b, k)["columns"]) for a, b, k in plan_units(run.checkpoints, kappa)]
+    tables = [unit_table(forge_unit(ctx, a, b, k)["columns"])
+              for a, b, k in plan_units(run.checkpoints, kappa, ctx.needed)]
     out = forge_dir(run_dir, strategy)
     prepare_output(out, params)
     table = pa.concat_tables(tables).sort_by([("step", "ascending"), ("part", "ascending")])

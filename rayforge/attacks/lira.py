@@ -7,11 +7,12 @@ scored as
     offline: -log P[Z > phi], Z ~ N(mu_out, sigma_out)   (one-sided: only "unusually confident" counts)
 averaged over the queries (the reference averages the per-query log-likelihood ratios the same way).
 
-As in the reference (research/mi_lira_2021/plot.py): the location is the median of the shadow values (robust to one
-odd shadow), the scale their standard deviation (ddof=0); `global_variance` replaces each per-example scale by one pooled
-within-example std of the IN (resp. OUT) values per query (the reference's `fix_variance` takes np.std of all values
-around a single global mean instead, and its online variant uses the IN spread for OUT too; we do neither). The threshold is the one of maximum accuracy on the
-shadows themselves, scored leave-one-out so a shadow is never judged by Gaussians it helped fit.
+As in the reference (research/mi_lira_2021/plot.py): the location is the median of the shadow values (robust to
+one odd shadow), the scale their standard deviation (ddof=0). `global_variance` replaces each per-example scale by
+one pooled within-example std of the IN (resp. OUT) values per query; the reference's `fix_variance` instead takes
+np.std of all values around a single global mean (adding between-point spread), and its online variant uses the IN
+spread for OUT too -- we do neither. The threshold is the one of maximum accuracy on the shadows themselves, scored
+leave-one-out so a shadow is never judged by Gaussians it helped fit.
 """
 
 from __future__ import annotations

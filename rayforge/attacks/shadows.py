@@ -81,7 +81,7 @@ class ShadowSet:
 
     def __init__(self, pop: Population, model_name: str, in_mask: np.ndarray, states: list[dict[str, torch.Tensor]],
                  logits: dict[bool, np.ndarray] | None = None):
-        in_mask = np.asarray(in_mask, dtype=bool)
+        in_mask = np.array(in_mask, dtype=bool)  # own copies: they are frozen below, the caller's stay writable
         if in_mask.ndim != 2 or in_mask.shape[1] != len(pop) or in_mask.shape[0] != len(states):
             raise RayforgeError(f"in_mask must be (K={len(states)}, N={len(pop)}), got {in_mask.shape}")
         self.pop = pop
@@ -92,6 +92,9 @@ class ShadowSet:
         if logits is None:
             logits = {f: np.stack([model_logits(self.model(k), pop, flip=f) for k in range(self.k)])
                       for f in (False, True)}
+        logits = {bool(f): np.array(arr, dtype=np.float32) for f, arr in logits.items()}
+        if set(logits) != {False, True}:
+            raise RayforgeError("shadow logits must be given for both plain and flipped queries")
         for f, arr in logits.items():
             if arr.shape != (self.k, len(pop), pop.num_classes) or not np.all(np.isfinite(arr)):
                 raise RayforgeError(f"shadow logits must be finite ({self.k}, {len(pop)}, {pop.num_classes}), "

@@ -17,8 +17,9 @@ from typing import Callable
 import numpy as np
 
 from rayforge.config import RayConfig, WandbConfig
-from rayforge.forge.engine import (ForgeContext, ForgeParams, forge_dir, forge_unit, merge_units, plan_units,
-                                   prepare_output, read_unit, unit_path, unit_table)
+from rayforge.forge.engine import (ForgeContext, ForgeParams, forge_dir, forge_unit, merge_units, needed_parts,
+                                   plan_units, prepare_output, read_unit, unit_path, unit_table)
+from rayforge.forge.splits import Splits
 from rayforge.stage import run_units
 from rayforge.tracking import MetricLogger
 from rayforge.train.log import atomic_write_json, write_parquet
@@ -79,7 +80,8 @@ def run_forge(run_dir: str | Path, params: ForgeParams, actors: int, ray_cfg: Ra
     run.load_dataset()  # fail here, once and clearly, if the data differs from the log's (not in every actor)
     out = forge_dir(run.run_dir, params.strategy)
     prepare_output(out, params)
-    units = plan_units(run.checkpoints, params.kappa)
+    splits = Splits(int(run.info["n"]), params.lam, params.kappa, params.seed)
+    units = plan_units(run.checkpoints, params.kappa, needed_parts(splits, run.steps, params.points))
     todo = [u for u in units if read_unit(unit_path(out, u[0], u[2])) is None]
     progress_path = out / "progress.json"  # gradient evaluations per unit and driver time, summed over resumes
     record = _read_progress(progress_path)

@@ -21,7 +21,7 @@ from rayforge.config import Config
 from rayforge.errors import MalformedArtifact, RayforgeError
 from rayforge.forge import algorithm2
 from rayforge.forge.gradients import CandidateGradients, flatten
-from rayforge.forge.splits import Splits, check_split_params
+from rayforge.forge.splits import Splits, check_split_params, sample_points
 from rayforge.train.log import ckpt_name, read_checkpoint, write_parquet
 from rayforge.train.run import TrainingRun, hyper_of, set_determinism
 from rayforge.train.sgd import loss_and_grads, sgd_update
@@ -59,12 +59,13 @@ class ForgeParams:
     seed: int
     chunk: int
     threads: int
+    points: int | None = None  # sampling approximation: forge only what these many sampled points' groups need
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides) -> "ForgeParams":
         f = cfg.forge
         values = dict(strategy=f.strategy, kappa=f.kappa, mu=f.mu, lam=f.lam, dsub_size=f.dsub_size, seed=cfg.seed,
-                      chunk=f.chunk, threads=max(1, int(cfg.ray.num_cpus_per_actor)))
+                      chunk=f.chunk, threads=max(1, int(cfg.ray.num_cpus_per_actor)), points=f.points)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -96,6 +97,7 @@ class ForgeContext:
         self.splits = Splits(len(self.data), params.lam, params.kappa, params.seed)
         self.grads: CandidateGradients | None = None
         self.strategy = STRATEGIES[params.strategy]
+        self.needed = needed_parts(self.splits, run.steps, params.points)
 
     def gradient_evaluator(self, model) -> CandidateGradients:
         if self.grads is None:  # parameters are passed functionally, so one copy serves every θ
@@ -103,9 +105,31 @@ class ForgeContext:
         return self.grads
 
 
-def plan_units(checkpoints: list[int], kappa: int) -> list[tuple[int, int, int]]:
-    """(start, stop, part) for every checkpoint segment and part, in output order."""
-    return [(a, b, k) for a, b in zip(checkpoints, checkpoints[1:]) for k in range(kappa)]
+def sampled_groups(splits: Splits, points: int | None) -> np.ndarray:
+    """The groups phase 2 rebuilds: all, or those of the sampled points (sampling approximation)."""
+    sample = sample_points(splits.n, points, splits.seed)
+    return np.arange(splits.num_groups) if sample is None else np.unique(splits.group_of[sample])
+
+
+def needed_parts(splits: Splits, steps, points: int | None) -> list[set[int]] | None:
+    """Per step, the parts whose forged batch some sampled group uses (it has a member in B_t); None = all."""
+    if points is None or points >= splits.n:
+        return None
+    wanted = np.zeros(splits.num_groups, dtype=bool)
+    wanted[sampled_groups(splits, points)] = True
+    needed = []
+    for t, batch in enumerate(steps.batch):
+        groups = np.unique(splits.group_of[batch])
+        groups = groups[wanted[groups]]
+        needed.append(set(splits.parts_of_groups(t)[groups].tolist()) if len(groups) else set())
+    return needed
+
+
+def plan_units(checkpoints: list[int], kappa: int, needed: list[set[int]] | None = None) -> list[tuple[int, int, int]]:
+    """(start, stop, part) for every checkpoint segment and part, in output order (only those with work to do
+    under the sampling approximation)."""
+    return [(a, b, k) for a, b in zip(checkpoints, checkpoints[1:]) for k in range(kappa)
+            if needed is None or any(k in needed[t] for t in range(a, b))]
 
 
 def forge_unit(ctx: ForgeContext, start: int, stop: int, part: int) -> dict:
@@ -123,6 +147,9 @@ def forge_unit(ctx: ForgeContext, start: int, stop: int, part: int) -> dict:
         with torch.no_grad():
             full = target + wd * flatten(params.values()) if wd else target
             grad_norm = float(torch.linalg.vector_norm(full))
+        if ctx.needed is not None and part not in ctx.needed[t]:  # sampling: no sampled group uses it
+            sgd_update(model, g, velocity, float(ctx.steps.lr[t]), ctx.hyper)
+            continue
         forged = ctx.strategy(ctx, params, t, part, target, ctx.splits.point_parts(t))
         for name, value in (("step", t), ("part", part), ("batch", forged.batch), ("flip", forged.flip),
                             ("grad_error", forged.grad_error), ("grad_norm", grad_norm)):

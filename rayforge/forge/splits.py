@@ -13,6 +13,7 @@ from rayforge.errors import RayforgeError
 
 GROUP_STREAM = 0x6A11  # distinct RNG streams for groups, splits and candidates of the same seed
 SPLIT_STREAM = 0x5B17
+SAMPLE_STREAM = 0x5A3E
 
 
 def check_split_params(n: int, lam: int, kappa: int) -> int:
@@ -64,3 +65,12 @@ class Splits:
 
     def point_parts(self, step: int) -> np.ndarray:
         return self.parts_of_groups(step)[self.group_of]
+
+
+def sample_points(n: int, points: int | None, seed: int) -> np.ndarray | None:
+    """The paper's sampling approximation: `points` training points drawn by seed (sorted), or None for all."""
+    if points is None or points >= n:
+        return None
+    if points < 1:
+        raise RayforgeError(f"forge: points={points} must be >= 1")
+    return np.sort(np.random.default_rng([seed, SAMPLE_STREAM]).choice(n, size=points, replace=False))

@@ -2,7 +2,7 @@
 
 Units are runs of consecutive groups. An actor rebuilds a unit's groups (one at a time, or stacked with
 `method="batched"`), passes every forged model to the stage's consumer (phase-2 attack scoring plugs in here) and
-returns the distance rows, the consumer's output and, for groups below `save_models`, the model's state. The driver
+returns the distance rows, the consumer's output and, for the first `save_models` groups, the model's state. The driver
 writes each unit's rows as they arrive, so the stage resumes like phase 1 and ends with the same bytes for any
 number of actors.
 """
@@ -59,17 +59,18 @@ class RebuildWorker:
         self.consumer = consumer_factory() if consumer_factory else None
 
     def rebuild(self, first: int, last: int) -> dict:
-        groups = list(range(first, last))
+        """Rebuild the groups at positions first..last-1 of the stage's group list."""
+        groups = [int(g) for g in self.ctx.logs.groups[first:last]]
         if self.params.method == "batched":
             results = rebuild_groups_batched(self.ctx, groups)
         else:
             results = [rebuild_group(self.ctx, g) for g in groups]
         out: dict[str, Any] = {"rows": [r.row for r in results], "consumed": [], "models": {}}
-        for r in results:
+        for position, r in enumerate(results, start=first):
             g = r.row["group"]
             if self.consumer:
                 out["consumed"].append(self.consumer(g, r.row["members"], r.model))
-            if g < self.save_models:
+            if position < self.save_models:  # the first K groups of the stage
                 out["models"][g] = state_tensors(r.model, None)
         return out
 
@@ -96,7 +97,7 @@ def run_rebuild(run_dir: str | Path, params: RebuildParams, actors: int, ray_cfg
     run = TrainingRun.open(run_dir)
     from rayforge.rebuild.forged_log import ForgedLogs
 
-    num_groups = ForgedLogs(run, params.strategy).num_groups  # also validates phase 1's output
+    num_groups = len(ForgedLogs(run, params.strategy).groups)  # also validates phase 1's output
     out = rebuild_dir(run.run_dir, params.strategy)
     (out / "units").mkdir(parents=True, exist_ok=True)
     (out / "models").mkdir(exist_ok=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rayforge.errors import MalformedArtifact, RayforgeError
-from rayforge.forge.engine import ForgeParams, forge_dir, read_forged
+from rayforge.forge.engine import ForgeParams, forge_dir, read_forged, sampled_groups
 from rayforge.forge.splits import Splits
 from rayforge.train.log import Steps
 from rayforge.train.run import TrainingRun
@@ -25,11 +25,12 @@ PARTS_TABLE_LIMIT = 300_000_000  # bytes of the cached split table (τ x n/λ in
 class ForgedTable:
     """forged.parquet in memory: the batch, flips and error of every (step, part), by direct index."""
 
-    def __init__(self, path: Path, total_steps: int, kappa: int, n_points: int):
+    def __init__(self, path: Path, total_steps: int, kappa: int, n_points: int, complete: bool):
         table = read_forged(path, kappa=kappa, n_points=n_points)
-        if len(table) != total_steps * kappa:
+        if complete and len(table) != total_steps * kappa:
             raise MalformedArtifact(f"{path}: {len(table)} rows, expected every (step, part): {total_steps} x {kappa}")
-        self.kappa = kappa
+        self.kappa, self.path = kappa, path
+        self._keys = table.column("step").to_numpy() * kappa + table.column("part").to_numpy()  # sorted
         batch = table.column("batch").combine_chunks()
         flip = table.column("flip").combine_chunks()
         self._offsets = batch.offsets.to_numpy()
@@ -41,7 +42,11 @@ class ForgedTable:
             raise MalformedArtifact(f"{path}: a forged batch index is outside [0, {n_points})")
 
     def get(self, step: int, part: int) -> tuple[np.ndarray, np.ndarray]:
-        row = step * self.kappa + part
+        key = step * self.kappa + part
+        row = int(np.searchsorted(self._keys, key))
+        if row >= len(self._keys) or self._keys[row] != key:
+            raise RayforgeError(f"{self.path}: phase 1 did not forge (step {step}, part {part}); it was run for a "
+                                f"sample of points that does not include this group")
         a, b = self._offsets[row], self._offsets[row + 1]
         return self._batch[a:b], self._flip[a:b]
 
@@ -80,7 +85,9 @@ class ForgedLogs:
         self.run, self.strategy = run, strategy
         n = int(run.info["n"])
         self.splits = Splits(n, self.params.lam, self.params.kappa, self.params.seed)
-        self.table = ForgedTable(out / "forged.parquet", run.total_steps, self.params.kappa, n)
+        self.table = ForgedTable(out / "forged.parquet", run.total_steps, self.params.kappa, n,
+                                 complete=self.params.points is None)
+        self.groups = sampled_groups(self.splits, self.params.points)  # the groups phase 2 rebuilds
         # appearances: for each group, the steps whose original batch holds one of its members (CSR layout)
         step_of = np.repeat(np.arange(run.total_steps), [len(b) for b in run.steps.batch])
         group = self.splits.group_of[np.concatenate(run.steps.batch)]

@@ -7,8 +7,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from rayforge.attacks import ATTACKS, Attack, ShadowSet, build_attack
+from rayforge.attacks import ATTACKS, Attack, ShadowSet, Xent, build_attack
 from rayforge.attacks.metrics import auc
+from rayforge.attacks.thresholds import per_label_thresholds
 from rayforge.errors import RayforgeError
 
 VARIANTS = [
@@ -72,28 +73,61 @@ def _state_digest(attack: Attack) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("name", sorted(ATTACKS))
-def test_thresholds_never_see_the_model_under_test(world, name):
+def _frozen_violations(world, make) -> list[str]:
+    """What goes wrong when two identically prepared copies of an attack score different targets first.
+
+    An attack that (re)fitted anything from a model it scores -- lazily on the first call, or on every call -- would
+    change its state or make the copies disagree afterwards; an honest attack shows neither.
+    """
     pts = world.pop.ids
-    a, b = _prepared(world, name, {}), _prepared(world, name, {})
+    a, b = make(), make()
+    a.prepare(world.pop, world.shadows)
+    b.prepare(world.pop, world.shadows)
+    problems = []
     frozen = _state_digest(a)
-    assert frozen == _state_digest(b)  # prepare depends on the shadows only: same shadows, same state
-    # Score different targets first on each copy: an attack that (re)fitted lazily from the first model it scores
-    # would now disagree between the copies, or change its state.
+    if frozen != _state_digest(b):
+        problems.append("prepare is not a function of the shadows")
     a_first = a.score(world.target, pts)
     b.score(world.other_target, pts)
-    assert _state_digest(a) == frozen and _state_digest(b) == frozen
-    np.testing.assert_array_equal(b.score(world.target, pts), a_first)
-    np.testing.assert_array_equal(a.predict(a_first, pts), b.predict(a_first, pts))
+    if _state_digest(a) != frozen or _state_digest(b) != frozen:
+        problems.append("score changed the attack state")
+    if not np.array_equal(b.score(world.target, pts), a_first):
+        problems.append("scores depend on which model was scored before")
+    if not np.array_equal(a.predict(a_first, pts), b.predict(a_first, pts)):
+        problems.append("predictions depend on which model was scored before")
+    return problems
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_thresholds_never_see_the_model_under_test(world, name):
+    assert _frozen_violations(world, lambda: build_attack(name)) == []
     # scoring is per point: a subset in another order gets the same scores
+    attack = _prepared(world, name, {})
+    pts = world.pop.ids
     sub = pts[::-3]
-    np.testing.assert_allclose(a.score(world.target, sub), a_first[sub], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(attack.score(world.target, sub), attack.score(world.target, pts)[sub],
+                               rtol=1e-12, atol=1e-12)
+
+
+class _LeakyXent(Xent):
+    """A wrong attack that refits its thresholds from the scores of each model it is asked about (labelling a fixed
+    half of the points as members): the check above must catch it."""
+
+    def score(self, model, points):
+        scores = super().score(model, points)
+        self.thresholds, self.global_threshold = per_label_thresholds(scores, np.arange(len(scores)) % 2 == 0,
+                                                                      self.pop.labels[points], 10)
+        return scores
+
+
+def test_the_frozen_check_catches_an_attack_that_fits_on_the_target(world):
+    assert "score changed the attack state" in _frozen_violations(world, _LeakyXent)
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_prepare_uses_only_the_shadows(world, name):
-    """Shadows built from the target-free shadow set only: replacing every shadow's logits changes the fitted state,
-    while which target exists does not (a fresh prepare after scoring gives the same state)."""
+    """The fitted state is a function of the shadows alone: a fresh prepare after scoring a target reproduces it
+    exactly, while handing the same points other shadows' logits (rows permuted against the in_mask) changes it."""
     a = _prepared(world, name, {})
     a.score(world.target, world.pop.ids)
     again = _prepared(world, name, {})

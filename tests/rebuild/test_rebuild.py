@@ -94,3 +94,26 @@ def test_ray_stage_is_deterministic_resumable_and_feeds_a_consumer(ray_local, fo
     outputs = [o for first in sorted(consumed) for o in consumed[first]]
     assert [o["group"] for o in outputs] == list(range(30)) and all(o["members"] == 2 for o in outputs)
 
+
+
+def test_sampling_approximation_forges_only_what_the_sample_needs(forged_run, tmp_path):
+    from conftest import forge_in_process
+
+    shutil.copytree(forged_run, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "forge")
+    forge_in_process(tmp_path / "run", points=4)
+    sampled = TrainingRun.open(tmp_path / "run")
+    logs = ForgedLogs(sampled, "paper")
+    assert 1 <= len(logs.groups) <= 4
+    rows = pq.read_table(tmp_path / "run" / "forge" / "paper" / "forged.parquet").num_rows
+    assert rows < sampled.total_steps * 2
+    full = RebuildContext(TrainingRun.open(forged_run), "paper", threads=1)
+    part = RebuildContext(sampled, "paper", threads=1)
+    for g in logs.groups:  # rows are seeded per (step, part): the sample's models equal the full run's
+        a, b = rebuild_group(part, int(g)).row, rebuild_group(full, int(g)).row
+        assert a["d_theta"] == b["d_theta"] and a["forged_steps"] == b["forged_steps"]
+    other = next(g for g in range(30) if g not in set(logs.groups.tolist()))
+    from rayforge.errors import RayforgeError
+
+    with pytest.raises(RayforgeError, match="did not forge"):
+        rebuild_group(part, other)
