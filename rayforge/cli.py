@@ -125,6 +125,38 @@ def rebuild(run_dir, strategy, actors, method, groups_per_unit, save_models):
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--strategy", default=None, help="Phase-1 output to evaluate (default: the config's).")
+@click.option("--points", type=int, default=None,
+              help="Sampling approximation: forge (if not yet done) for N sampled points only.")
+@click.option("--actors", type=int, default=None, help="Actors (default: the config's ray.actors).")
+@click.option("--save-models", type=int, default=0, help="Keep the forged models of the first K groups.")
+@user_errors
+def attack(run_dir, strategy, points, actors, save_models):
+    """Shadows, the five MI attacks, and phase 2 with every forged model scored (phase 1 first if missing)."""
+    from rayforge.pipeline import attack_stage
+    from rayforge.train.run import TrainingRun
+
+    cfg = TrainingRun.open(run_dir).cfg
+    s = attack_stage(run_dir, cfg, strategy or cfg.forge.strategy, points, actors or cfg.ray.actors, save_models)
+    click.echo(f"scored {s['evaluated_points']} points on {s['groups']} forged models with {', '.join(s['attacks'])}; "
+               f"d_theta median {s['d_theta_median']:.3g}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--strategy", default="paper", help="Strategy whose attack-stage output to report.")
+@user_errors
+def report(run_dir, strategy):
+    """metrics.json, Tables I-IV (tables.md) and figures under RUN/report/."""
+    from rayforge.report.render import write_report
+
+    metrics = write_report(run_dir, strategy)
+    summary = ", ".join(f"{a} c_diff={m['c_diff']:.2f}%" for a, m in metrics["attacks"].items())
+    click.echo(f"report -> {run_dir}/report: {summary}; d_theta median {metrics['d_theta']['median']:.3g}")
+
+
+@main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
 @set_option
@@ -137,11 +169,12 @@ def run(config, out_dir, overrides):
     cfg = load_config(config, overrides)
     start = time.perf_counter()
     result = run_pipeline(cfg, out_dir)
-    t, f = result["train"], result["forge"]
+    t, f, m = result["train"], result["forge"], result["report"]
+    attacks = ", ".join(f"{a} c_diff={v['c_diff']:.2f}%" for a, v in m["attacks"].items())
     click.echo(f"run done in {time.perf_counter() - start:.1f}s: test_accuracy={t['test_accuracy']:.4f} "
                f"train_wall={t['train_wall_s']:.1f}s forge_wall={f['forge_wall_s']:.1f}s "
                f"grad_error/grad_norm median={f['rel_error_median']:.4f} "
-               f"d_theta median={result['rebuild']['d_theta_median']:.3g} -> {out_dir}")
+               f"d_theta median={m['d_theta']['median']:.3g}; {attacks} -> {out_dir}/report")
 
 
 if __name__ == "__main__":

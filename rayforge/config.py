@@ -59,6 +59,19 @@ class ForgeConfig:
 
 
 @dataclass
+class AttackConfig:
+    attacks: list = field(default_factory=lambda: ["lira", "enhanced", "xent", "mentr", "mida"])  # mida: flips only
+    shadows: int = 16  # LiRA's default; even
+    # Shadow architecture and schedule: the target's by default. The paper's MNIST shadows are cnn32-3-max (lr 1e-3,
+    # b=64, 20 epochs) and its CIFAR-10 shadows 16 WRN-28-2 for 100 epochs, beyond this project's CPU budget.
+    shadow_model: Optional[str] = None
+    shadow_epochs: Optional[int] = None
+    holdout: Optional[int] = None  # |V| held-out test points (default n)
+    common: int = 5  # Common points per evaluated point (the paper: 5)
+    validation: int = 5  # Validation points per evaluated point (the paper: 5)
+
+
+@dataclass
 class RayConfig:
     actors: int = 2
     num_cpus_per_actor: float = 1.0
@@ -81,6 +94,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     forge: ForgeConfig = field(default_factory=ForgeConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -195,6 +209,9 @@ def validate(cfg: Config) -> None:
         (cfg.forge.lam >= 1, "forge.lam must be >= 1"),
         (cfg.forge.chunk >= 1, "forge.chunk must be >= 1"),
         (cfg.ray.actors >= 1, "ray.actors must be >= 1"),
+        (cfg.attack.shadows >= 2 and cfg.attack.shadows % 2 == 0, "attack.shadows must be even and >= 2"),
+        (set(cfg.attack.attacks) <= {"lira", "enhanced", "xent", "mentr", "mida"},
+         "attack.attacks must name lira, enhanced, xent, mentr or mida"),
         (cfg.wandb.mode in (None, "online", "offline", "disabled"), "wandb.mode must be online, offline or disabled"),
     ]
     for ok, message in checks:

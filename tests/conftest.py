@@ -26,6 +26,7 @@ def tiny_config(**sections):
         "model": {"name": "logreg"},
         "train": {"epochs": 2, "batch_size": 10, "lr": 0.1, "threads": 1, "device": "cpu"},
         "forge": {"kappa": 2, "mu": 4, "lam": 1},
+        "attack": {"shadows": 4},
         "ray": {"actors": 2},
         "wandb": {"mode": "disabled"},
     }

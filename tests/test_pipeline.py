@@ -6,22 +6,40 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rayforge.pipeline import run_pipeline
 from rayforge.train.replay import replay
 from rayforge.train.run import TrainingRun
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_run_pipeline_on_local_ray(ray_local, tmp_path, make_config):
+def test_rayforge_run_end_to_end_on_local_ray(ray_local, tmp_path, make_config):
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from rayforge.cli import main
+
     # threads unset: the run must log the thread count it used (1 in a Ray worker) so replay is exact here
-    result = run_pipeline(make_config(train={"threads": None}), tmp_path / "run")
-    assert 0.0 <= result["train"]["test_accuracy"] <= 1.0
+    cfg = make_config(train={"threads": None}, forge={"kappa": 2, "mu": 4, "lam": 2}, data={"flip": True})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    result = CliRunner().invoke(main, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "c_diff=" in result.output
     run = TrainingRun.open(tmp_path / "run")
     assert replay(run, 0, run.checkpoints[1]).exact
-    assert result["forge"]["rows"] == run.total_steps * 2  # every (step, part) forged, kappa=2
     assert (tmp_path / "run" / "forge" / "paper" / "forged.parquet").is_file()
-    assert result["rebuild"]["groups"] == 60 and result["rebuild"]["d_theta_median"] > 0  # lam=1
+    metrics = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())
+    assert set(metrics["attacks"]) == {"lira", "enhanced", "xent", "mentr", "mida"}  # mida: trained with flips
+    for m in metrics["attacks"].values():
+        assert {"auc", "tpr_at_0.1_fpr", "c_diff", "c_common", "c_validation", "s_median"} <= set(m)
+        assert all(0 <= m[k] <= 100 for k in ("c_diff", "c_common", "c_validation"))
+    assert metrics["d_theta"]["median"] > 0 and metrics["setting"]["evaluated_points"] == 60
+    assert {"mean", "stderr", "original"} <= set(metrics["uniformity_l1"])
+    assert metrics["uniformity_l1"]["original"] == 0.0  # every point exactly once per epoch
+    for name in ("tables.md", "fig3_d_theta.png", "fig4_score_differences.png", "roc.png"):
+        assert (tmp_path / "run" / "report" / name).stat().st_size > 0
 
 
 def test_job_entrypoints_are_the_cli():

@@ -44,8 +44,8 @@ class RebuildParams:
             raise RayforgeError("rebuild: groups_per_unit must be >= 1")
 
 
-def rebuild_dir(run_dir: Path, strategy: str) -> Path:
-    return Path(run_dir) / "rebuild" / strategy
+def rebuild_dir(run_dir: Path, strategy: str, stage: str = "rebuild") -> Path:
+    return Path(run_dir) / stage / strategy
 
 
 class RebuildWorker:
@@ -90,15 +90,16 @@ def _read_unit(path: Path) -> pa.Table | None:
 def run_rebuild(run_dir: str | Path, params: RebuildParams, actors: int, ray_cfg: RayConfig,
                 wandb_cfg: WandbConfig, save_models: int = 0, progress: bool = True, max_units: int | None = None,
                 consumer_factory: Callable | None = None,
-                on_consumed: Callable[[int, dict], None] | None = None) -> dict | None:
+                on_consumed: Callable[[int, dict], None] | None = None, stage: str = "rebuild") -> dict | None:
     """Rebuild every group not yet on disk; write `distances.parquet` (sorted by group) when all are done.
-    `on_consumed(first_group, outputs)` receives, in the driver, what the consumer returned for a unit."""
+    `on_consumed(first_group, outputs)` receives, in the driver, what the consumer returned for a unit; `stage`
+    names the output directory RUN/<stage>/<strategy> (the attack stage rebuilds with a scoring consumer)."""
     params.validate()
     run = TrainingRun.open(run_dir)
     from rayforge.rebuild.forged_log import ForgedLogs
 
     num_groups = len(ForgedLogs(run, params.strategy).groups)  # also validates phase 1's output
-    out = rebuild_dir(run.run_dir, params.strategy)
+    out = rebuild_dir(run.run_dir, params.strategy, stage)
     (out / "units").mkdir(parents=True, exist_ok=True)
     (out / "models").mkdir(exist_ok=True)
     params_path = out / "params.json"
@@ -118,7 +119,7 @@ def run_rebuild(run_dir: str | Path, params: RebuildParams, actors: int, ray_cfg
         write_parquet(_unit_path(out, unit[0]), distances_table(result["rows"]))  # last: marks the unit done
 
     ran = run_units(todo, RebuildWorker, (str(run.run_dir), asdict(params), save_models, consumer_factory),
-                    "rebuild", ray_cfg, actors, save, f"rebuild[{params.strategy}]", len(units), progress, max_units)
+                    "rebuild", ray_cfg, actors, save, f"{stage}[{params.strategy}]", len(units), progress, max_units)
     if ran < len(todo):
         return None
     table = pa.concat_tables([_read_unit(_unit_path(out, first)) for first, _ in units])
@@ -126,7 +127,7 @@ def run_rebuild(run_dir: str | Path, params: RebuildParams, actors: int, ray_cfg
     d = table.column("d_theta").to_numpy()
     summary = {"groups": len(table), "d_theta_median": float(np.median(d)), "d_theta_p90": float(np.quantile(d, 0.9)),
                "log10_d_theta_median": float(np.log10(np.median(d))) if np.median(d) > 0 else None}
-    with MetricLogger(run.run_dir, f"rebuild-{params.strategy}", wandb_cfg, asdict(params),
+    with MetricLogger(run.run_dir, f"{stage}-{params.strategy}", wandb_cfg, asdict(params),
                       run_name=run.cfg.name) as logger:
         logger.summary(summary)
     atomic_write_json(out / "summary.json", summary)

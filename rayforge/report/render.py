@@ -1,0 +1,97 @@
+"""`rayforge report`: metrics.json, Tables I-IV in markdown, and the figures (Fig. 3-5 box plots, ROC curves)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from rayforge.report.metrics import compute_metrics
+
+ATTACK_TITLES = {"lira": "LiRA", "enhanced": "EnhancedMIA", "mentr": "MEntr", "xent": "Xent", "mida": "MIDA"}
+ORDER = ["lira", "enhanced", "mentr", "xent", "mida"]
+
+
+def tables_md(metrics: dict) -> str:
+    s = metrics["setting"]
+    names = [a for a in ORDER if a in metrics["attacks"]]
+    dagger = "†" if s["modified_sgd"] else ""
+    head = f"| Dataset | Model | n | λ | κ | " + " | ".join(ATTACK_TITLES[a] for a in names) + " |"
+    rule = "|" + "---|" * (5 + len(names))
+    lead = f"| {s['dataset']} | {s['model']} | {s['n']}{dagger} | {s['lam']} | {s['kappa']} | "
+    out = [f"# Report: {s['dataset']} {s['model']}, strategy `{s['strategy']}`, μ={s['mu']}, τ={s['tau']}, "
+           f"{s['evaluated_points']} evaluated points\n"]
+    for number, kind, title in (("I", "diff", "Diff"), ("II", "common", "Common"), ("III", "validation", "Validation")):
+        out += [f"## Table {number}: % data points with different MI predictions in the {title} setting\n", head, rule,
+                lead + " | ".join(f"{metrics['attacks'][a][f'c_{kind}']:.2f}%" for a in names) + " |", ""]
+    u = metrics["uniformity_l1"]
+    out += ["## Table IV: uniformity of forged minibatches (ℓ1 to uniform)\n",
+            "| Dataset | Model | n | λ | κ | ℓ1 distance (PoRs) | original log |", "|---|---|---|---|---|---|---|",
+            lead + f"{u['mean']:.4f} ± {u['stderr']:.4f} ({u['pors']} PoRs) | {u['original']:.4f} |", ""]
+    out += ["## Attack quality on the original model and score differences\n",
+            "| Attack | AUC | TPR @ 0.1% FPR | median s_A |", "|---|---|---|---|"]
+    out += [f"| {ATTACK_TITLES[a]} | {metrics['attacks'][a]['auc']:.4f} | "
+            f"{metrics['attacks'][a]['tpr_at_0.1_fpr']:.4f} | {metrics['attacks'][a]['s_median']:.3g} |" for a in names]
+    d = metrics["d_theta"]
+    out += ["", f"d_θ = ‖θ* − θ'‖²/dim: median {d['median']:.3g}, p90 {d['p90']:.3g} "
+                f"(log10 median {np.log10(d['median']):.2f})" if d["median"] > 0 else "", ""]
+    return "\n".join(out)
+
+
+def figures(figs: dict, out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    d = figs["d_theta"]
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.boxplot([np.log10(np.maximum(d, 1e-300))], showfliers=False)
+    ax.set_xticks([1], [title])
+    ax.set_ylabel(r"$\log_{10}(\|\theta_*-\theta_{-i}\|_2^2/\dim\theta)$")
+    ax.set_title("Fig. 3: model distance d_θ")
+    fig.tight_layout()
+    paths.append(out / "fig3_d_theta.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    names = [a for a in ORDER if a in figs["s"]]
+    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 4))
+    ax.boxplot([figs["s"][a] for a in names], showfliers=False)
+    ax.set_xticks(range(1, len(names) + 1), [ATTACK_TITLES[a] for a in names])
+    ax.set_ylabel(r"$s_A = |score(x_i,\theta_{-i}) - score(x_i,\theta_*)|$")
+    ax.set_title("Fig. 4-5: membership score differences")
+    fig.tight_layout()
+    paths.append(out / "fig4_score_differences.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for a in names:
+        fpr, tpr, _ = figs["roc"][a]
+        ax.plot(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), label=ATTACK_TITLES[a])
+    ax.plot([1e-5, 1], [1e-5, 1], "k:", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC on the original model")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "roc.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_report(run_dir: str | Path, strategy: str = "paper") -> dict:
+    metrics, figs = compute_metrics(run_dir, strategy)
+    out = Path(run_dir) / "report"
+    out.mkdir(exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    (out / "tables.md").write_text(tables_md(metrics))
+    s = metrics["setting"]
+    figures(figs, out, f"{s['dataset']} {s['model']} λ={s['lam']}")
+    return metrics
