@@ -157,6 +157,60 @@ def report(run_dir, strategy):
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--point", type=int, required=True, help="Index of the challenged training point.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="PoR directory to create.")
+@click.option("--strategy", default=None, help="Phase-1 output to build from (default: the config's).")
+@click.option("--mode", type=click.Choice(["group", "minimal"]), default="group",
+              help="group: the point's group's forged log (phase 1 output); minimal: swap out only this point.")
+@user_errors
+def por(run_dir, point, out_dir, strategy, mode):
+    """Build the Proof of Repudiation of training point --point (forged log, checkpoints, por.json)."""
+    from rayforge.train.run import TrainingRun
+
+    run = TrainingRun.open(run_dir)
+    if mode == "minimal":
+        from rayforge.por.minimal import export_minimal_por
+
+        manifest = export_minimal_por(run, point, out_dir)
+    else:
+        from rayforge.por import export_por
+
+        manifest = export_por(run, strategy or run.cfg.forge.strategy, point, out_dir)
+    click.echo(f"PoR of point {point} -> {out_dir}: epsilon={manifest['epsilon']:.4g} "
+               f"d_theta={manifest['d_theta']:.3g}")
+
+
+@main.command()
+@click.argument("por_dir", type=click.Path(file_okay=False))
+@click.option("--data-root", default=None, help="Where the dataset lies (else $RAYFORGE_DATA).")
+@click.option("--model", "model_path", default=None, help="The deployed model (safetensors) to compare with.")
+@click.option("--steps", "selection", default="all", help="all | topq:Q | random:N segments to replay.")
+@click.option("--tol", type=float, default=None, help="Replay tolerance, l2 over parameters.")
+@click.option("--seed", type=int, default=None, help="Seed of random:N (printed when not given).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@user_errors
+def verify(por_dir, data_root, model_path, selection, tol, seed, as_json):
+    """Verify a PoR as a hostile artifact: exit 0 valid, 1 invalid (reasons listed), 2 malformed."""
+    import json
+
+    from rayforge.por import DEFAULT_TOL, verify_por
+
+    report = verify_por(por_dir, data_root=data_root, model_path=model_path, steps=selection,
+                        tol=DEFAULT_TOL if tol is None else tol, seed=seed)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        for reason in report.reasons:
+            click.echo(f"invalid: {reason}")
+        worst = report.max_distance
+        click.echo(f"{'VALID' if report.valid else 'INVALID'}: {len(report.segments)} segment(s) replayed"
+                   + (f", worst l2 {worst:.3g}" if worst is not None else "")
+                   + (f", seed {report.seed}" if report.seed is not None else ""))
+    sys.exit(0 if report.valid else 1)
+
+
+@main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
 @set_option

@@ -97,7 +97,7 @@ def test_ray_stage_is_deterministic_resumable_and_feeds_a_consumer(ray_local, fo
 
 
 def test_sampling_approximation_forges_only_what_the_sample_needs(forged_run, tmp_path):
-    from conftest import forge_in_process
+    from helpers import forge_in_process
 
     shutil.copytree(forged_run, tmp_path / "run")
     shutil.rmtree(tmp_path / "run" / "forge")
