@@ -15,6 +15,7 @@ import torch
 from rayforge.forge.algorithm2 import best_of_candidates, draw_candidates
 from rayforge.forge.engine import FORGED_SCHEMA, unit_table
 from rayforge.forge.gradients import CandidateGradients, flatten
+from rayforge.forge.twins import Twins
 from rayforge.errors import RayforgeError
 from rayforge.train.run import TrainingRun, hyper_of, set_determinism
 from rayforge.train.sgd import loss_and_grads, sgd_update
@@ -38,7 +39,9 @@ def forge_point_naive(run: TrainingRun, point: int, mu: int, seed: int, steps: r
     model, velocity = run.model_at(start, device)
     hyper = hyper_of(run.cfg)
     grads = CandidateGradients(model, chunk)
-    allowed = np.delete(np.arange(n), point)  # D \ {x*}
+    excluded = np.zeros(n, dtype=bool)
+    excluded[point] = True
+    allowed = Twins(run.load_dataset().train, run.cfg.data.flip).allowed(np.flatnonzero(~excluded), excluded)  # D \ {x*}
     cols = {name: [] for name in FORGED_SCHEMA.names}
     for t in range(start, steps.stop):
         x, y = data.batch(run.steps.batch[t], run.steps.flip[t])

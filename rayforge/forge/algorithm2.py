@@ -1,7 +1,8 @@
 """Algorithm 2 (Appendix B's Algorithm 3 in full): the forged minibatch of part k at step t, strategy `paper`.
 
 For part k at step t (Alg. 3 lines 7-14):
-    line 8   D_sub ⊂ D \\ D_k^(t)                     (`dsub_size` points; default all of D \\ D_k, see below)
+    line 8   D_sub ⊂ D \\ D_k^(t)                     (`dsub_size` points; default all of D \\ D_k, see below;
+                                                   content twins of D_k's points count as D_k: forge/twins.py)
     line 9   μ candidate minibatches of size b from D_sub, each without repeats
     line 11  Flip(B_m) ~ Uniform({0,1}^b)              (only when the log was trained with flips)
     line 13  m* = argmin_m ‖∇(ℓ(Aug(B_m)) + wd·R(θ)) − grad^(t)‖²   at θ^(t), with the original batch's own flips
@@ -63,7 +64,7 @@ def forge_part(ctx, params: dict[str, torch.Tensor], step: int, part: int, targe
                point_parts: np.ndarray) -> ForgedBatch:
     """Strategy `paper` for one (step, part): best of μ random candidates from D \\ D_k."""
     rng = candidate_rng(ctx.seed, step, part)
-    allowed = np.flatnonzero(point_parts != part)
+    allowed = ctx.allowed_points(point_parts, part)
     b = len(ctx.steps.batch[step])
     idx, flips = draw_candidates(rng, allowed, ctx.params.mu, b, ctx.flip, ctx.params.dsub_size)
     return best_of_candidates(ctx.grads, params, ctx.data, target, idx, flips)

@@ -22,6 +22,7 @@ from rayforge.errors import MalformedArtifact, RayforgeError
 from rayforge.forge import algorithm2
 from rayforge.forge.gradients import CandidateGradients, flatten
 from rayforge.forge.splits import Splits, check_split_params, sample_points
+from rayforge.forge.twins import Twins
 from rayforge.train.log import ckpt_name, read_checkpoint, write_parquet
 from rayforge.train.run import TrainingRun, hyper_of, set_determinism
 from rayforge.train.sgd import loss_and_grads, sgd_update
@@ -91,13 +92,20 @@ class ForgeContext:
         torch.set_num_threads(params.threads)
         self.run, self.params, self.steps = run, params, run.steps
         self.device = device or run.device()
-        self.data = run.tensor_data(run.load_dataset(), self.device)
+        dataset = run.load_dataset()
+        self.data = run.tensor_data(dataset, self.device)
+        self.twins = Twins(dataset.train, run.cfg.data.flip)
         self.flip, self.seed = run.cfg.data.flip, params.seed
         self.hyper = hyper_of(run.cfg)
         self.splits = Splits(len(self.data), params.lam, params.kappa, params.seed)
         self.grads: CandidateGradients | None = None
         self.strategy = STRATEGIES[params.strategy]
         self.needed = needed_parts(self.splits, run.steps, params.points)
+
+    def allowed_points(self, point_parts: np.ndarray, part: int) -> np.ndarray:
+        """D \ D_k, minus content twins of D_k's points: what part k's forged batch may use."""
+        in_part = point_parts == part
+        return self.twins.allowed(np.flatnonzero(~in_part), in_part)
 
     def gradient_evaluator(self, model) -> CandidateGradients:
         if self.grads is None:  # parameters are passed functionally, so one copy serves every θ

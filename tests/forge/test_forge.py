@@ -209,3 +209,16 @@ def test_killed_actor_is_replaced_and_its_unit_redone(ray_local, trained_run, tm
     run_forge(tmp_path / "killed", params, 2, run.cfg.ray, run.cfg.wandb, progress=False, on_unit=kill_one_actor)
     assert killed
     assert _forged_bytes(tmp_path / "killed") == _forged_bytes(tmp_path / "ref")
+
+
+def test_content_twins_are_excluded_with_their_point():
+    from rayforge.data import ImageArrays
+    from rayforge.forge.twins import Twins
+
+    images = np.random.default_rng(0).integers(0, 255, (6, 1, 4, 4), dtype=np.uint8)
+    images[4] = images[1]  # an exact twin of point 1
+    images[5] = images[2][..., ::-1]  # point 2 mirrored: a twin only when training uses flips
+    arrays = ImageArrays(images, np.array([0, 1, 2, 3, 1, 2]))
+    excluded = np.array([False, True, True, False, False, False])
+    assert Twins(arrays, flip=False).allowed(np.array([0, 3, 4, 5]), excluded).tolist() == [0, 3, 5]
+    assert Twins(arrays, flip=True).allowed(np.array([0, 3, 4, 5]), excluded).tolist() == [0, 3]
