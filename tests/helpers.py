@@ -39,8 +39,8 @@ def forge_in_process(run_dir, kappa=2, mu=3, lam=2, strategy="paper", points=Non
     params = ForgeParams.from_config(run.cfg, strategy=strategy, kappa=kappa, mu=mu, lam=lam, threads=1, chunk=3,
                                      points=points)
     ctx = ForgeContext(run, params)
-    tables = [unit_table(forge_unit(ctx, a, b, k)["columns"])
-              for a, b, k in plan_units(run.checkpoints, kappa, ctx.needed)]
+    tables = [unit_table(forge_unit(ctx, a, b, parts)["columns"])
+              for a, b, parts in plan_units(run.checkpoints, kappa, ctx.needed)]
     out = forge_dir(run_dir, strategy)
     prepare_output(out, params)
     table = pa.concat_tables(tables).sort_by([("step", "ascending"), ("part", "ascending")])

@@ -14,7 +14,8 @@ import torch
 
 from rayforge.forge.algorithm2 import best_of_candidates, draw_candidates
 from rayforge.forge.engine import FORGED_SCHEMA, unit_table
-from rayforge.forge.gradients import CandidateGradients, flatten
+from rayforge.forge.fastgrad import make_gradient_evaluator
+from rayforge.forge.gradients import flatten
 from rayforge.forge.twins import Twins
 from rayforge.errors import RayforgeError
 from rayforge.train.run import TrainingRun, hyper_of, set_determinism
@@ -24,7 +25,7 @@ NAIVE_STREAM = 0xA161
 
 
 def forge_point_naive(run: TrainingRun, point: int, mu: int, seed: int, steps: range | None = None,
-                      chunk: int = 8, threads: int = 1, data=None) -> dict:
+                      chunk: int = 8, threads: int = 1, data=None, grad_method: str = "auto") -> dict:
     """Forged minibatches for `point` at each step of `steps` (default: all), as columns of the forged schema
     (part is 0) plus the number of gradient evaluations spent. `data` may pass preloaded training tensors."""
     n = int(run.info["n"])
@@ -38,7 +39,7 @@ def forge_point_naive(run: TrainingRun, point: int, mu: int, seed: int, steps: r
     data = data or run.tensor_data(run.load_dataset(), device)
     model, velocity = run.model_at(start, device)
     hyper = hyper_of(run.cfg)
-    grads = CandidateGradients(model, chunk)
+    grads = make_gradient_evaluator(model, chunk, grad_method)
     excluded = np.zeros(n, dtype=bool)
     excluded[point] = True
     allowed = Twins(run.load_dataset().train, run.cfg.data.flip).allowed(np.flatnonzero(~excluded), excluded)  # D \ {x*}
@@ -51,7 +52,7 @@ def forge_point_naive(run: TrainingRun, point: int, mu: int, seed: int, steps: r
             params = dict(model.named_parameters())
             rng = np.random.default_rng([seed, NAIVE_STREAM, point, t])
             idx, flips = draw_candidates(rng, allowed, mu, len(run.steps.batch[t]), run.cfg.data.flip)
-            forged = best_of_candidates(grads, params, data, target, idx, flips)
+            [forged] = best_of_candidates(grads, params, data, target, [idx], [flips])
             with torch.no_grad():
                 full = target + hyper.weight_decay * flatten(params.values()) if hyper.weight_decay else target
             for name, value in (("step", t), ("part", 0), ("batch", forged.batch), ("flip", forged.flip),

@@ -52,19 +52,25 @@ def draw_candidates(rng: np.random.Generator, allowed: np.ndarray, mu: int, b: i
     return idx, flips
 
 
-def best_of_candidates(grads, params: dict[str, torch.Tensor], data, target: torch.Tensor, idx: np.ndarray,
-                       flips: np.ndarray) -> ForgedBatch:
-    """Line 13: the candidate whose minibatch gradient is closest to `target` (first one on ties)."""
-    dist = grads.distances(params, data, idx, flips, target)
-    best = int(torch.argmin(dist))
-    return ForgedBatch(idx[best].astype(np.int32), flips[best].copy(), float(dist[best]), len(idx))
+def best_of_candidates(grads, params: dict[str, torch.Tensor], data, target: torch.Tensor,
+                       idx: list[np.ndarray], flips: list[np.ndarray]) -> list[ForgedBatch]:
+    """Line 13 for several candidate sets at one θ: in each set, the candidate whose minibatch gradient is closest
+    to `target` (first one on ties). All sets go through one gradient call, so the evaluator can share the work
+    of samples drawn by several sets (rayforge.forge.fastgrad)."""
+    dist = grads.distances(params, data, np.concatenate(idx), np.concatenate(flips), target)
+    out, start = [], 0
+    for i, f in zip(idx, flips):
+        d = dist[start:start + len(i)]
+        best = int(torch.argmin(d))
+        out.append(ForgedBatch(i[best].astype(np.int32), f[best].copy(), float(d[best]), len(i)))
+        start += len(i)
+    return out
 
 
-def forge_part(ctx, params: dict[str, torch.Tensor], step: int, part: int, target: torch.Tensor,
-               point_parts: np.ndarray) -> ForgedBatch:
-    """Strategy `paper` for one (step, part): best of μ random candidates from D \\ D_k."""
-    rng = candidate_rng(ctx.seed, step, part)
-    allowed = ctx.allowed_points(point_parts, part)
+def forge_parts(ctx, params: dict[str, torch.Tensor], step: int, parts: list[int], target: torch.Tensor,
+                point_parts: np.ndarray) -> list[ForgedBatch]:
+    """Strategy `paper` at one step: for each part k, the best of μ random candidates from D \\ D_k."""
     b = len(ctx.steps.batch[step])
-    idx, flips = draw_candidates(rng, allowed, ctx.params.mu, b, ctx.flip, ctx.params.dsub_size)
-    return best_of_candidates(ctx.grads, params, ctx.data, target, idx, flips)
+    drawn = [draw_candidates(candidate_rng(ctx.seed, step, k), ctx.allowed_points(point_parts, k), ctx.params.mu,
+                             b, ctx.flip, ctx.params.dsub_size) for k in parts]
+    return best_of_candidates(ctx.grads, params, ctx.data, target, [d[0] for d in drawn], [d[1] for d in drawn])

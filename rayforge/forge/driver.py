@@ -33,8 +33,8 @@ class ForgeWorker:
     def __init__(self, run_dir: str, params: dict):
         self.ctx = ForgeContext(TrainingRun.open(run_dir), ForgeParams(**params))
 
-    def forge(self, start: int, stop: int, part: int) -> dict:
-        return forge_unit(self.ctx, start, stop, part)
+    def forge(self, start: int, stop: int, parts: tuple) -> dict:
+        return forge_unit(self.ctx, start, stop, parts)
 
 
 def _finish(out: Path, run: TrainingRun, params: ForgeParams, units, wall: float, evals: int,
@@ -81,8 +81,9 @@ def run_forge(run_dir: str | Path, params: ForgeParams, actors: int, ray_cfg: Ra
     out = forge_dir(run.run_dir, params.strategy)
     prepare_output(out, params)
     splits = Splits(int(run.info["n"]), params.lam, params.kappa, params.seed)
-    units = plan_units(run.checkpoints, params.kappa, needed_parts(splits, run.steps, params.points))
-    todo = [u for u in units if read_unit(unit_path(out, u[0], u[2])) is None]
+    units = plan_units(run.checkpoints, params.kappa, needed_parts(splits, run.steps, params.points),
+                       params.parts_per_unit)
+    todo = [u for u in units if read_unit(unit_path(out, u)) is None]
     progress_path = out / "progress.json"  # gradient evaluations per unit and driver time, summed over resumes
     record = _read_progress(progress_path)
     evals, elapsed_before = record["evals"], record["elapsed_s"]
@@ -91,10 +92,10 @@ def run_forge(run_dir: str | Path, params: ForgeParams, actors: int, ray_cfg: Ra
 
     def save(unit, result) -> None:
         # Record first, then the unit: a kill in between only redoes the unit, whose count is the same.
-        evals[f"{unit[0]}:{unit[2]}"] = result["grad_evals"]
+        evals[f"{unit[0]}:{unit[2][0]}"] = result["grad_evals"]
         atomic_write_json(progress_path, {"evals": evals,
                                           "elapsed_s": elapsed_before + time.perf_counter() - start_time})
-        write_parquet(unit_path(out, unit[0], unit[2]), unit_table(result["columns"]))
+        write_parquet(unit_path(out, unit), unit_table(result["columns"]))
         cols = result["columns"]
         rel = np.asarray(cols["grad_error"]) / np.maximum(np.asarray(cols["grad_norm"]), 1e-30)
         totals["rel"] += float(rel.sum())

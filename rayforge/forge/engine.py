@@ -20,7 +20,8 @@ import torch
 from rayforge.config import Config
 from rayforge.errors import MalformedArtifact, RayforgeError
 from rayforge.forge import algorithm2
-from rayforge.forge.gradients import CandidateGradients, flatten
+from rayforge.forge.fastgrad import make_gradient_evaluator
+from rayforge.forge.gradients import flatten
 from rayforge.forge.splits import Splits, check_split_params, sample_points
 from rayforge.forge.twins import Twins
 from rayforge.train.log import ckpt_name, read_checkpoint, write_parquet
@@ -36,8 +37,8 @@ FORGED_SCHEMA = pa.schema([
     ("grad_norm", pa.float64()),
 ])
 
-# strategy name -> fn(ctx, params, step, part, target_grad, point_parts) -> ForgedBatch
-STRATEGIES: dict[str, Callable] = {"paper": algorithm2.forge_part}
+# strategy name -> fn(ctx, params, step, parts, target_grad, point_parts) -> [ForgedBatch per part]
+STRATEGIES: dict[str, Callable] = {"paper": algorithm2.forge_parts}
 
 
 def register_strategy(name: str):
@@ -61,12 +62,15 @@ class ForgeParams:
     chunk: int
     threads: int
     points: int | None = None  # sampling approximation: forge only what these many sampled points' groups need
+    grad_method: str = "auto"  # candidate gradients: hooks (models without BatchNorm) or vmap; see fastgrad.py
+    parts_per_unit: int | None = None  # parts forged together per unit of work (default all κ: shared samples)
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides) -> "ForgeParams":
         f = cfg.forge
         values = dict(strategy=f.strategy, kappa=f.kappa, mu=f.mu, lam=f.lam, dsub_size=f.dsub_size, seed=cfg.seed,
-                      chunk=f.chunk, threads=max(1, int(cfg.ray.num_cpus_per_actor)), points=f.points)
+                      chunk=f.chunk, threads=max(1, int(cfg.ray.num_cpus_per_actor)), points=f.points,
+                      grad_method=f.grad_method)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -98,7 +102,7 @@ class ForgeContext:
         self.flip, self.seed = run.cfg.data.flip, params.seed
         self.hyper = hyper_of(run.cfg)
         self.splits = Splits(len(self.data), params.lam, params.kappa, params.seed)
-        self.grads: CandidateGradients | None = None
+        self.grads = None  # the candidate-gradient evaluator, built from the first model seen
         self.strategy = STRATEGIES[params.strategy]
         self.needed = needed_parts(self.splits, run.steps, params.points)
 
@@ -107,9 +111,9 @@ class ForgeContext:
         in_part = point_parts == part
         return self.twins.allowed(np.flatnonzero(~in_part), in_part)
 
-    def gradient_evaluator(self, model) -> CandidateGradients:
+    def gradient_evaluator(self, model):
         if self.grads is None:  # parameters are passed functionally, so one copy serves every θ
-            self.grads = CandidateGradients(model, self.params.chunk)
+            self.grads = make_gradient_evaluator(model, self.params.chunk, self.params.grad_method)
         return self.grads
 
 
@@ -133,15 +137,22 @@ def needed_parts(splits: Splits, steps, points: int | None) -> list[set[int]] | 
     return needed
 
 
-def plan_units(checkpoints: list[int], kappa: int, needed: list[set[int]] | None = None) -> list[tuple[int, int, int]]:
-    """(start, stop, part) for every checkpoint segment and part, in output order (only those with work to do
-    under the sampling approximation)."""
-    return [(a, b, k) for a, b in zip(checkpoints, checkpoints[1:]) for k in range(kappa)
-            if needed is None or any(k in needed[t] for t in range(a, b))]
+def plan_units(checkpoints: list[int], kappa: int, needed: list[set[int]] | None = None,
+               parts_per_unit: int | None = None) -> list[tuple[int, int, tuple[int, ...]]]:
+    """(start, stop, parts) for every checkpoint segment and run of parts, in output order (under the sampling
+    approximation, only parts with work to do)."""
+    size = parts_per_unit or kappa
+    units = []
+    for a, b in zip(checkpoints, checkpoints[1:]):
+        parts = [k for k in range(kappa) if needed is None or any(k in needed[t] for t in range(a, b))]
+        units += [(a, b, tuple(parts[i:i + size])) for i in range(0, len(parts), size)]
+    return units
 
 
-def forge_unit(ctx: ForgeContext, start: int, stop: int, part: int) -> dict:
-    """Forge part `part` at steps start..stop-1; returns the unit's columns and its gradient-evaluation count."""
+def forge_unit(ctx: ForgeContext, start: int, stop: int, parts) -> dict:
+    """Forge `parts` (a part or several) at steps start..stop-1; the unit's columns, rows in (step, part) order,
+    and its gradient-evaluation count."""
+    parts = [parts] if isinstance(parts, (int, np.integer)) else list(parts)
     model, velocity = ctx.run.model_at(start, ctx.device)
     grads = ctx.gradient_evaluator(model)
     evals_before = grads.evaluations
@@ -150,18 +161,18 @@ def forge_unit(ctx: ForgeContext, start: int, stop: int, part: int) -> dict:
     for t in range(start, stop):
         x, y = ctx.data.batch(ctx.steps.batch[t], ctx.steps.flip[t])
         _, g = loss_and_grads(model, x, y)  # grad^(t) at θ^(t) with the original flips (Alg. 3 line 5)
-        target = flatten(g)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            full = target + wd * flatten(params.values()) if wd else target
-            grad_norm = float(torch.linalg.vector_norm(full))
-        if ctx.needed is not None and part not in ctx.needed[t]:  # sampling: no sampled group uses it
-            sgd_update(model, g, velocity, float(ctx.steps.lr[t]), ctx.hyper)
-            continue
-        forged = ctx.strategy(ctx, params, t, part, target, ctx.splits.point_parts(t))
-        for name, value in (("step", t), ("part", part), ("batch", forged.batch), ("flip", forged.flip),
-                            ("grad_error", forged.grad_error), ("grad_norm", grad_norm)):
-            cols[name].append(value)
+        todo = parts if ctx.needed is None else [k for k in parts if k in ctx.needed[t]]  # sampling: only used ones
+        if todo:
+            target = flatten(g)
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                full = target + wd * flatten(params.values()) if wd else target
+                grad_norm = float(torch.linalg.vector_norm(full))
+            forged = ctx.strategy(ctx, params, t, todo, target, ctx.splits.point_parts(t))
+            for part, f in zip(todo, forged):
+                for name, value in (("step", t), ("part", part), ("batch", f.batch), ("flip", f.flip),
+                                    ("grad_error", f.grad_error), ("grad_norm", grad_norm)):
+                    cols[name].append(value)
         sgd_update(model, g, velocity, float(ctx.steps.lr[t]), ctx.hyper)  # step the original trajectory
     if stop in ctx.run.checkpoints:  # always so for planned units; partial segments (benchmarks) cannot check
         check_segment_replays(ctx.run, model, start, stop)
@@ -199,8 +210,8 @@ def forge_dir(run_dir: Path, strategy: str) -> Path:
     return Path(run_dir) / "forge" / strategy
 
 
-def unit_path(out: Path, start: int, part: int) -> Path:
-    return out / "units" / f"seg-{start:08d}-part-{part:04d}.parquet"
+def unit_path(out: Path, unit: tuple) -> Path:
+    return out / "units" / f"seg-{unit[0]:08d}-part-{unit[2][0]:04d}.parquet"
 
 
 def prepare_output(out: Path, params: ForgeParams) -> None:
@@ -232,7 +243,7 @@ def read_unit(path: Path) -> pa.Table | None:
 
 def merge_units(out: Path, units: list[tuple[int, int, int]]) -> pa.Table:
     """All unit tables -> forged.parquet sorted by (step, part); written atomically."""
-    tables = [read_unit(unit_path(out, start, part)) for start, _, part in units]
+    tables = [read_unit(unit_path(out, unit)) for unit in units]
     if any(t is None for t in tables):
         raise RayforgeError(f"{out}: cannot merge, some units are missing")
     table = pa.concat_tables(tables).sort_by([("step", "ascending"), ("part", "ascending")])

@@ -64,7 +64,7 @@ def _forge_local(run: TrainingRun, params: ForgeParams):
     from rayforge.forge.engine import unit_table
     import pyarrow as pa
 
-    tables = [unit_table(forge_unit(ctx, a, b, k)["columns"]) for a, b, k in plan_units(run.checkpoints, params.kappa)]
+    tables = [unit_table(forge_unit(ctx, a, b, parts)["columns"]) for a, b, parts in plan_units(run.checkpoints, params.kappa)]
     return pa.concat_tables(tables).sort_by([("step", "ascending"), ("part", "ascending")])
 
 
@@ -162,14 +162,14 @@ def test_one_and_two_actors_and_resume_give_identical_bytes(ray_local, trained_r
     summary = run_forge(tmp_path / "one", params, 1, cfg.ray, cfg.wandb, progress=False)
     run_forge(tmp_path / "two", params, 2, cfg.ray, cfg.wandb, progress=False)
     assert _forged_bytes(tmp_path / "one") == _forged_bytes(tmp_path / "two")
-    # Stopped after 3 of 8 units (as by Ctrl-C), then resumed: same bytes, and only the rest was computed.
+    # Stopped after 3 units (as by Ctrl-C), then resumed: same bytes, and only the rest was computed.
     assert run_forge(tmp_path / "resumed", params, 2, cfg.ray, cfg.wandb, progress=False, max_units=3) is None
     done_units = []
     run_forge(tmp_path / "resumed", params, 2, cfg.ray, cfg.wandb, progress=False, on_unit=done_units.append)
     assert len(done_units) == len(plan_units(runs["one"].checkpoints, 2)) - 3
     assert _forged_bytes(tmp_path / "resumed") == _forged_bytes(tmp_path / "one")
     table = read_forged(forge_dir(tmp_path / "one", "paper") / "forged.parquet", kappa=2, n_points=60)
-    assert len(table) == 24 and summary["grad_evals"] == 24 * 3 + 2 * 12
+    assert len(table) == 24 and summary["grad_evals"] == 24 * 3 + 12  # μ per (step, part) + one replay per step
     # The same bytes as the plain (Ray-free) functions produce.
     local = _forge_local(runs["one"], params)
     assert local.equals(table)
