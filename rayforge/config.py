@@ -57,6 +57,7 @@ class ForgeConfig:
     chunk: int = 8  # candidates per batched gradient pass (bounds memory)
     points: Optional[int] = None  # sampling approximation: only the groups of this many sampled points
     grad_method: str = "auto"  # candidate gradients: auto | hooks (no BatchNorm; fastest) | vmap (torch.func)
+    pool_size: int = 256  # swap/hybrid strategies: substitutes drawn per step
 
 
 @dataclass
@@ -209,6 +210,7 @@ def validate(cfg: Config) -> None:
         (cfg.forge.mu >= 1, "forge.mu must be >= 1"),
         (cfg.forge.lam >= 1, "forge.lam must be >= 1"),
         (cfg.forge.chunk >= 1, "forge.chunk must be >= 1"),
+        (cfg.forge.pool_size >= 1, "forge.pool_size must be >= 1"),
         (cfg.forge.grad_method in ("auto", "hooks", "vmap"), "forge.grad_method must be auto, hooks or vmap"),
         (cfg.ray.actors >= 1, "ray.actors must be >= 1"),
         (cfg.attack.shadows >= 2 and cfg.attack.shadows % 2 == 0, "attack.shadows must be even and >= 2"),

@@ -31,7 +31,7 @@ class ForgedBatch:
     batch: np.ndarray  # int32 indices
     flip: np.ndarray  # bool
     grad_error: float  # ‖ĝ − g‖₂
-    grad_evals: int  # minibatch gradients spent on this choice
+    grad_evals: float  # minibatch gradients spent on this choice (per-sample passes count b samples as one)
 
 
 def candidate_rng(seed: int, step: int, part: int) -> np.random.Generator:

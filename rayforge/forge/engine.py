@@ -7,6 +7,7 @@ choice is seeded by (seed, step, part), so a unit's rows are the same whoever co
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 
 from rayforge.config import Config
 from rayforge.errors import MalformedArtifact, RayforgeError
-from rayforge.forge import algorithm2
+from rayforge.forge import algorithm2, swap
 from rayforge.forge.fastgrad import make_gradient_evaluator
 from rayforge.forge.gradients import flatten
 from rayforge.forge.splits import Splits, check_split_params, sample_points
@@ -38,7 +39,8 @@ FORGED_SCHEMA = pa.schema([
 ])
 
 # strategy name -> fn(ctx, params, step, parts, target_grad, point_parts) -> [ForgedBatch per part]
-STRATEGIES: dict[str, Callable] = {"paper": algorithm2.forge_parts}
+STRATEGIES: dict[str, Callable] = {"paper": algorithm2.forge_parts, "swap": swap.forge_parts,
+                                   "hybrid": swap.forge_parts_hybrid}
 
 
 def register_strategy(name: str):
@@ -64,13 +66,14 @@ class ForgeParams:
     points: int | None = None  # sampling approximation: forge only what these many sampled points' groups need
     grad_method: str = "auto"  # candidate gradients: hooks (models without BatchNorm) or vmap; see fastgrad.py
     parts_per_unit: int | None = None  # parts forged together per unit of work (default all κ: shared samples)
+    pool_size: int = 256  # swap/hybrid: substitutes drawn per step (per-sample gradients, both flips if used)
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides) -> "ForgeParams":
         f = cfg.forge
         values = dict(strategy=f.strategy, kappa=f.kappa, mu=f.mu, lam=f.lam, dsub_size=f.dsub_size, seed=cfg.seed,
                       chunk=f.chunk, threads=max(1, int(cfg.ray.num_cpus_per_actor)), points=f.points,
-                      grad_method=f.grad_method)
+                      grad_method=f.grad_method, pool_size=f.pool_size)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -107,13 +110,14 @@ class ForgeContext:
         self.needed = needed_parts(self.splits, run.steps, params.points)
 
     def allowed_points(self, point_parts: np.ndarray, part: int) -> np.ndarray:
-        """D \ D_k, minus content twins of D_k's points: what part k's forged batch may use."""
+        r"""D \ D_k, minus content twins of D_k's points: what part k's forged batch may use."""
         in_part = point_parts == part
         return self.twins.allowed(np.flatnonzero(~in_part), in_part)
 
     def gradient_evaluator(self, model):
         if self.grads is None:  # parameters are passed functionally, so one copy serves every θ
             self.grads = make_gradient_evaluator(model, self.params.chunk, self.params.grad_method)
+            self.swap_model = copy.deepcopy(model)  # per-sample gradients (swap) hook a copy of their own
         return self.grads
 
 
@@ -154,8 +158,8 @@ def forge_unit(ctx: ForgeContext, start: int, stop: int, parts) -> dict:
     and its gradient-evaluation count."""
     parts = [parts] if isinstance(parts, (int, np.integer)) else list(parts)
     model, velocity = ctx.run.model_at(start, ctx.device)
-    grads = ctx.gradient_evaluator(model)
-    evals_before = grads.evaluations
+    ctx.gradient_evaluator(model)
+    evals = float(stop - start)  # the replayed original steps
     wd = ctx.hyper.weight_decay
     cols = {name: [] for name in FORGED_SCHEMA.names}
     for t in range(start, stop):
@@ -169,6 +173,7 @@ def forge_unit(ctx: ForgeContext, start: int, stop: int, parts) -> dict:
                 full = target + wd * flatten(params.values()) if wd else target
                 grad_norm = float(torch.linalg.vector_norm(full))
             forged = ctx.strategy(ctx, params, t, todo, target, ctx.splits.point_parts(t))
+            evals += sum(f.grad_evals for f in forged)
             for part, f in zip(todo, forged):
                 for name, value in (("step", t), ("part", part), ("batch", f.batch), ("flip", f.flip),
                                     ("grad_error", f.grad_error), ("grad_norm", grad_norm)):
@@ -176,7 +181,7 @@ def forge_unit(ctx: ForgeContext, start: int, stop: int, parts) -> dict:
         sgd_update(model, g, velocity, float(ctx.steps.lr[t]), ctx.hyper)  # step the original trajectory
     if stop in ctx.run.checkpoints:  # always so for planned units; partial segments (benchmarks) cannot check
         check_segment_replays(ctx.run, model, start, stop)
-    return {"columns": cols, "grad_evals": grads.evaluations - evals_before + (stop - start)}
+    return {"columns": cols, "grad_evals": evals}
 
 
 # Forging workers may use another thread count than training did, which changes float rounding (measured: ~1e-7

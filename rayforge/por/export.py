@@ -90,13 +90,22 @@ def _export_por(run: TrainingRun, strategy: str, point, out_dir: Path, device: t
             raise RayforgeError(f"the forged log of group {group} uses one of its own members at step {t}; "
                                 f"phase-1 output of strategy '{strategy}' is inconsistent")
 
+    first = glog.first_step if glog.forged else run.total_steps
+    return write_por(run, point, members, forged, first, out_dir, device)
+
+
+def write_por(run: TrainingRun, point: int, members: np.ndarray, forged, first: int, out_dir: Path,
+              device: torch.device | None = None, data=None) -> dict:
+    """Replay the forged log `forged` (a Steps equal to the original before step `first`) from the last checkpoint
+    before `first`, and write the PoR of `point` (excluding `members`) into `out_dir`; return por.json."""
     set_determinism(run.cfg.train.threads)
     device = device or run.device()
     ds = run.load_dataset()
-    data = run.tensor_data(ds, device)
+    data = data or run.tensor_data(ds, device)
     hyper = hyper_of(run.cfg)
     momentum = bool(run.cfg.train.momentum)
-    first = glog.first_step if glog.forged else run.total_steps
+    group = f"of point {point}"
+    n = int(run.info["n"])
     start = max(c for c in run.checkpoints if c <= first)
     original_final = _original_final(run)
     theta_star = params_of(original_final)
@@ -121,7 +130,7 @@ def _export_por(run: TrainingRun, strategy: str, point, out_dir: Path, device: t
 
         epsilon = l2_distance(final, theta_star)
         if not math.isfinite(epsilon):
-            raise RayforgeError(f"the forged model of group {group} has non-finite parameters")
+            raise RayforgeError(f"the forged model {group} has non-finite parameters")
         data_cfg = run.cfg.to_dict()["data"]
         data_cfg["data_root"] = None  # a path on the owner's machine means nothing to a verifier
         t = run.cfg.train

@@ -1,0 +1,82 @@
+"""Strategy `swap` and `hybrid`, and the greedy rule behind them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rayforge.forge.engine import ForgeContext, ForgeParams, forge_unit
+from rayforge.forge.fastgrad import per_sample_gradients
+from rayforge.forge.splits import Splits
+from rayforge.forge.swap import greedy_picks
+from rayforge.train.run import TrainingRun
+from rayforge.train.trainer import train
+
+
+def test_greedy_picks_on_a_hand_checked_example():
+    pool = torch.tensor([[1.0, 0.0], [3.0, 0.1], [0.0, 5.0], [2.0, 0.0]])
+    # r = (3, 0): (3, 0.1) leaves (0, -0.1); then (1, 0) costs 1.01 against 4.01 for (2, 0) and 26.01 for (0, 5)
+    assert greedy_picks(pool, np.array([10, 11, 12, 13]), torch.tensor([3.0, 0.0]), 2) == [1, 0]
+    # one point in two orientations (rows 0 and 1 are both point 7): never picked twice
+    assert greedy_picks(pool, np.array([7, 7, 12, 13]), torch.tensor([4.0, 0.1]), 2) == [1, 3]
+
+
+def _unit(run, strategy, **kw):
+    params = ForgeParams.from_config(run.cfg, strategy=strategy, kappa=3, mu=3, lam=2, threads=1, chunk=3,
+                                     pool_size=20, **kw)
+    ctx = ForgeContext(run, params)
+    return ctx, forge_unit(ctx, 0, 3, (0, 1, 2))["columns"]
+
+
+def test_swap_never_uses_its_part_and_keeps_the_rest(trained_run):
+    run = TrainingRun.open(trained_run)
+    _, cols = _unit(run, "swap")
+    splits = Splits(60, 2, 3, run.cfg.seed)
+    for t, k, batch in zip(cols["step"], cols["part"], cols["batch"]):
+        parts = splits.point_parts(t)
+        assert not np.any(parts[batch] == k)
+        original = run.steps.batch[t]
+        kept = original[parts[original] != k]
+        assert np.isin(kept, batch).all() and len(set(batch.tolist())) == len(batch)
+
+
+def test_residual_equals_exact_batch_gradient_difference(trained_run):
+    """Without BatchNorm, (Σ picks − Σ removed)/b of per-sample gradients is the batch-gradient difference."""
+    run = TrainingRun.open(trained_run)
+    ctx, cols = _unit(run, "swap")
+    model, _ = run.model_at(0, torch.device("cpu"))
+    params = dict(model.named_parameters())
+    b = len(run.steps.batch[0])
+    for k, batch, flip, err in zip(cols["part"][:3], cols["batch"][:3], cols["flip"][:3], cols["grad_error"][:3]):
+        original, oflip = run.steps.batch[0], run.steps.flip[0]
+        removed = ~np.isin(original, batch)
+        picked = ~np.isin(batch, original)
+        xr, yr = ctx.data.batch(original[removed], oflip[removed])
+        xp, yp = ctx.data.batch(batch[picked], flip[picked])
+        diff = (per_sample_gradients(model, params, xp, yp).sum(0)
+                - per_sample_gradients(model, params, xr, yr).sum(0)) / b
+        assert float(torch.linalg.vector_norm(diff)) == pytest.approx(err, rel=1e-4, abs=1e-6)
+
+
+def test_swap_beats_paper_and_hybrid_takes_the_better(trained_run):
+    run = TrainingRun.open(trained_run)
+    _, paper = _unit(run, "paper")
+    _, swap = _unit(run, "swap")
+    _, hybrid = _unit(run, "hybrid")
+    assert np.median(swap["grad_error"]) < np.median(paper["grad_error"])
+    assert np.allclose(hybrid["grad_error"], np.minimum(paper["grad_error"], swap["grad_error"]))
+
+
+def test_swap_on_a_batchnorm_model_with_flips(tmp_path, make_config):
+    cfg = make_config(model={"name": "resnet_mini"},
+                      data={"flip": True, "synthetic_train": 24, "synthetic_test": 8, "synthetic_shape": [3, 8, 8]},
+                      train={"batch_size": 6, "epochs": 1, "checkpoint_every": 2, "lr": 0.01})
+    train(cfg, tmp_path / "run", progress=False)
+    run = TrainingRun.open(tmp_path / "run")
+    params = ForgeParams.from_config(run.cfg, strategy="swap", kappa=2, mu=2, lam=2, threads=1, chunk=2, pool_size=8)
+    cols = forge_unit(ForgeContext(run, params), 0, 2, (0, 1))["columns"]
+    splits = Splits(24, 2, 2, run.cfg.seed)
+    for t, k, batch in zip(cols["step"], cols["part"], cols["batch"]):
+        assert not np.any(splits.point_parts(t)[batch] == k)
+    assert all(np.isfinite(cols["grad_error"]))
