@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from safetensors.torch import load_file, save_file
 
 from rayforge.attacks.base import Attack, build_attack
 from rayforge.attacks.evaluate import ForgedModelScorer, attack_population, score_all
@@ -28,7 +27,7 @@ from rayforge.config import Config, RayConfig, WandbConfig
 from rayforge.errors import RayforgeError
 from rayforge.rebuild.driver import RebuildParams, run_rebuild
 from rayforge.stage import run_units
-from rayforge.train.log import atomic_write_json, state_tensors, write_parquet
+from rayforge.train.log import atomic_write_json, read_tensors, save_tensors, state_tensors, write_parquet
 from rayforge.train.run import TrainingRun
 
 SCORES_SCHEMA = pa.schema([
@@ -82,14 +81,12 @@ def train_shadows(run: TrainingRun, pop, actors: int, progress: bool) -> ShadowS
         return parts / f"shadow-{k:03d}.safetensors"
 
     def save(unit, state) -> None:
-        tmp = part(unit[0]).with_suffix(".tmp")
-        save_file(state, str(tmp))
-        tmp.replace(part(unit[0]))
+        save_tensors(part(unit[0]), state)
 
     todo = [(k,) for k in range(cfg.attack.shadows) if not part(k).is_file()]
     run_units(todo, ShadowWorker, (str(run.run_dir),), "train", cfg.ray, actors, save, "shadows",
               cfg.attack.shadows, progress)
-    states = [load_file(str(part(k))) for k in range(cfg.attack.shadows)]
+    states = [read_tensors(part(k)) for k in range(cfg.attack.shadows)]
     shadows = ShadowSet(pop, cfg.attack.shadow_model or cfg.model.name,
                         balanced_in_mask(cfg.attack.shadows, len(pop), cfg.seed), states)
     shadows.save(directory)

@@ -14,20 +14,17 @@ On disk (a directory; safetensors and JSON only, never pickle):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rayforge.attacks.base import Population, model_logits
 from rayforge.config import TrainConfig
 from rayforge.errors import MalformedArtifact, RayforgeError
 from rayforge.models import build_model
-from rayforge.train.log import atomic_write_json, check_state, load_state, state_tensors
+from rayforge.train.log import atomic_write_json, check_state, load_state, read_tensors, save_tensors, state_tensors
 from rayforge.train.schedule import make_plan
 from rayforge.train.sgd import SGDHyper, train_step, zero_velocity
 
@@ -136,8 +133,8 @@ class ShadowSet:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for j, state in enumerate(self.states):
-            _save_tensors(directory / f"shadow-{j:02d}.safetensors", state)
-        _save_tensors(directory / "logits.safetensors",
+            save_tensors(directory / f"shadow-{j:02d}.safetensors", state)
+        save_tensors(directory / "logits.safetensors",
                       {"plain": torch.from_numpy(self._logits[False].copy()),
                        "flip": torch.from_numpy(self._logits[True].copy())})
         # Written last: its presence marks a complete set.
@@ -175,10 +172,10 @@ class ShadowSet:
         states = []
         for j in range(k):
             path = directory / f"shadow-{j:02d}.safetensors"
-            state = _load_tensors(path)
+            state = read_tensors(path)
             check_state(state, template, str(path), need_velocity=False)
             states.append(state)
-        raw = _load_tensors(directory / "logits.safetensors")
+        raw = read_tensors(directory / "logits.safetensors")
         if set(raw) != {"plain", "flip"}:
             raise MalformedArtifact(f"{directory}/logits.safetensors: expected tensors 'plain' and 'flip'")
         try:
@@ -187,16 +184,3 @@ class ShadowSet:
             raise MalformedArtifact(f"{directory}: {exc}") from None
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise MalformedArtifact(f"missing {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise MalformedArtifact(f"{path}: not a readable safetensors file ({exc})") from None

@@ -26,7 +26,7 @@ from rayforge.por.artifact import MANIFEST, POR_FORMAT, STEPS_FILE, l2_distance,
 from rayforge.rebuild.engine import d_theta
 from rayforge.rebuild.forged_log import ForgedLogs
 from rayforge.train.log import atomic_write_json, check_state, ckpt_name, read_checkpoint, save_checkpoint, \
-    steps_table, write_parquet
+    staged_dir, steps_table, write_parquet
 from rayforge.train.replay import replay_steps
 from rayforge.train.run import TrainingRun, hyper_of, new_model, set_determinism
 
@@ -110,10 +110,7 @@ def write_por(run: TrainingRun, point: int, members: np.ndarray, forged, first: 
     original_final = _original_final(run)
     theta_star = params_of(original_final)
 
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    try:
+    with staged_dir(out_dir) as tmp_dir:
         # Up to `start` the forged trajectory is the original one: its checkpoints, checked, byte for byte.
         template = new_model(run.cfg, run.info["shape"], torch.device("cpu"))
         for c in (c for c in run.checkpoints if c <= start):
@@ -152,10 +149,4 @@ def write_por(run: TrainingRun, point: int, members: np.ndarray, forged, first: 
         }
         atomic_write_json(tmp_dir / MANIFEST, manifest)
         read_manifest(tmp_dir)  # what we write must pass the verifier's own schema check
-        if out_dir.exists():
-            out_dir.rmdir()  # checked empty above
-        tmp_dir.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return manifest

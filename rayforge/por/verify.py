@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import secrets
 import time
 from dataclasses import dataclass, field

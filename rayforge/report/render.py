@@ -17,7 +17,7 @@ def tables_md(metrics: dict) -> str:
     s = metrics["setting"]
     names = [a for a in ORDER if a in metrics["attacks"]]
     dagger = "†" if s["modified_sgd"] else ""
-    head = f"| Dataset | Model | n | λ | κ | " + " | ".join(ATTACK_TITLES[a] for a in names) + " |"
+    head = "| Dataset | Model | n | λ | κ | " + " | ".join(ATTACK_TITLES[a] for a in names) + " |"
     rule = "|" + "---|" * (5 + len(names))
     lead = f"| {s['dataset']} | {s['model']} | {s['n']}{dagger} | {s['lam']} | {s['kappa']} | "
     out = [f"# Report: {s['dataset']} {s['model']}, strategy `{s['strategy']}`, μ={s['mu']}, τ={s['tau']}, "

@@ -11,9 +11,11 @@ checked against the model's own names, shapes and dtypes before use.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,22 +143,51 @@ def state_tensors(model: nn.Module, velocity: dict[str, torch.Tensor] | None) ->
     return {k: v.to("cpu").contiguous().clone() for k, v in out.items()}
 
 
-def save_checkpoint(path: Path, model: nn.Module, velocity: dict[str, torch.Tensor] | None, step: int) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], tag: str | None = None) -> None:
+    """Atomic safetensors write. One metadata key at most: safetensors writes a multi-key metadata map in hash
+    order, which breaks byte-identity."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    # One metadata key: safetensors writes a multi-key metadata map in hash order, which breaks byte-identity.
-    save_file(state_tensors(model, velocity), str(tmp), metadata={"rayforge": f"{CKPT_FORMAT};step={step}"})
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"rayforge": tag} if tag else None)
     os.replace(tmp, path)
 
 
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, what: str = "safetensors file") -> dict[str, torch.Tensor]:
+    """Load a safetensors file (never a pickle); a missing or unreadable one is a MalformedArtifact."""
     path = Path(path)
     if not path.is_file():
-        raise MalformedArtifact(f"missing checkpoint {path}")
+        raise MalformedArtifact(f"missing {what} {path}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise MalformedArtifact(f"{path}: not a readable safetensors checkpoint ({exc})") from None
+        raise MalformedArtifact(f"{path}: not a readable safetensors {what} ({exc})") from None
+
+
+def save_checkpoint(path: Path, model: nn.Module, velocity: dict[str, torch.Tensor] | None, step: int) -> None:
+    save_tensors(path, state_tensors(model, velocity), tag=f"{CKPT_FORMAT};step={step}")
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    return read_tensors(path, "checkpoint")
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: Path):
+    """Build a directory in a temporary sibling and rename it into place only on success: a failure (or Ctrl-C)
+    leaves nothing at `out_dir` and never touches an existing one. `out_dir` must be absent or empty."""
+    out_dir = Path(out_dir)
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        yield tmp_dir
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, as required
+        tmp_dir.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
 
 
 def check_state(tensors: dict[str, torch.Tensor], model: nn.Module, where: str,

@@ -7,7 +7,6 @@ interrupted run never leaves a partial log at RUN and never overwrites an existi
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from rayforge.errors import RayforgeError
 from rayforge.progress import progress_bar
 from rayforge.tracking import MetricLogger
 from rayforge.train.batches import TensorData, accuracy
-from rayforge.train.log import atomic_write_bytes, atomic_write_json, ckpt_name, save_checkpoint, steps_table, \
-    write_parquet
+from rayforge.train.log import atomic_write_bytes, atomic_write_json, ckpt_name, save_checkpoint, staged_dir, \
+    steps_table, write_parquet
 from rayforge.train.run import hyper_of, new_model, resolve_device, set_determinism
 from rayforge.train.schedule import checkpoint_steps, make_plan, steps_per_epoch
 from rayforge.train.sgd import train_step, zero_velocity
@@ -35,18 +34,9 @@ def train(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
     """Train per `cfg`, write the log under `out_dir`, return a summary (accuracies, wall time, steps)."""
     out_dir = Path(out_dir)
     check_fresh_dir(out_dir)
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    (tmp_dir / "trajectory").mkdir(parents=True)
-    try:
-        summary = _train_into(cfg, tmp_dir, progress)
-        if out_dir.exists():
-            out_dir.rmdir()  # checked empty above
-        tmp_dir.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return summary
+    with staged_dir(out_dir) as tmp_dir:
+        (tmp_dir / "trajectory").mkdir()
+        return _train_into(cfg, tmp_dir, progress)
 
 
 def _train_into(cfg: Config, run_dir: Path, progress: bool) -> dict:

@@ -6,7 +6,6 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from helpers import forge_in_process
