@@ -45,6 +45,15 @@ class MetricLogger:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
+    def media(self, images: dict[str, Path], tables: dict[str, tuple[list[str], list[list]]]) -> None:
+        """Figures (already on disk) and tables to W&B; on disk they are the report's own files."""
+        if self._wandb is not None:
+            import wandb
+
+            payload = {name: wandb.Image(str(path)) for name, path in images.items()}
+            payload.update({name: wandb.Table(columns=cols, data=rows) for name, (cols, rows) in tables.items()})
+            self._wandb.log(payload)
+
     def summary(self, metrics: dict[str, Any]) -> None:
         self.log({"summary": metrics})
         if self._wandb is not None:

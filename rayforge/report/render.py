@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from rayforge.report.metrics import compute_metrics
+from rayforge.tracking import MetricLogger
+from rayforge.train.run import TrainingRun
 
 ATTACK_TITLES = {"lira": "LiRA", "enhanced": "EnhancedMIA", "mentr": "MEntr", "xent": "Xent", "mida": "MIDA"}
 ORDER = ["lira", "enhanced", "mentr", "xent", "mida"]
@@ -93,5 +95,13 @@ def write_report(run_dir: str | Path, strategy: str = "paper") -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     (out / "tables.md").write_text(tables_md(metrics))
     s = metrics["setting"]
-    figures(figs, out, f"{s['dataset']} {s['model']} λ={s['lam']}")
+    paths = figures(figs, out, f"{s['dataset']} {s['model']} λ={s['lam']}")
+    run = TrainingRun.open(run_dir)
+    columns = ["attack", "auc", "tpr_at_0.1_fpr", "c_diff", "c_common", "c_validation", "s_median"]
+    rows = [[a] + [m[c] for c in columns[1:]] for a, m in metrics["attacks"].items()]
+    with MetricLogger(run.run_dir, f"report-{strategy}", run.cfg.wandb, run.cfg.to_dict(), run_name=run.cfg.name) as log:
+        log.media({p.stem: p for p in paths}, {"attacks": (columns, rows)})
+        log.summary({"d_theta_median": metrics["d_theta"]["median"], "d_theta_p90": metrics["d_theta"]["p90"],
+                     "uniformity_l1": metrics["uniformity_l1"]["mean"],
+                     **{f"{a}/{k}": v for a, m in metrics["attacks"].items() for k, v in m.items()}})
     return metrics
