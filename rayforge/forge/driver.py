@@ -1,4 +1,4 @@
-"""Phase 1 on Ray: the driver hands (segment, part) units to forging actors and writes their results.
+"""Phase 1 on Ray: the driver hands (checkpoint segment, parts) units to forging actors and writes their results.
 
 Actors each hold the log, the training tensors and a model once (one GPU each on a cluster), restore θ from the
 log's checkpoints and step the original trajectory themselves, so no weights travel per step (scheduling, bounded
@@ -26,7 +26,6 @@ from rayforge.train.log import atomic_write_json, write_parquet
 from rayforge.train.run import TrainingRun
 
 
-
 class ForgeWorker:
     """A forging actor (wrapped with ray.remote by the driver): opens the run once, then forges units."""
 
@@ -37,7 +36,7 @@ class ForgeWorker:
         return forge_unit(self.ctx, start, stop, parts)
 
 
-def _finish(out: Path, run: TrainingRun, params: ForgeParams, units, wall: float, evals: int,
+def _finish(out: Path, run: TrainingRun, params: ForgeParams, units, wall: float, evals: float,
             wandb_cfg: WandbConfig) -> dict:
     table = merge_units(out, units)
     err = table.column("grad_error").to_numpy()
@@ -47,7 +46,7 @@ def _finish(out: Path, run: TrainingRun, params: ForgeParams, units, wall: float
     train_wall = _train_wall(run)
     summary = {
         "strategy": params.strategy, "rows": len(table), "steps": int(run.total_steps),
-        "grad_evals": int(evals), "grad_evals_per_step": evals / run.total_steps,
+        "grad_evals": round(float(evals), 2), "grad_evals_per_step": evals / run.total_steps,
         "forge_wall_s": wall, "candidates_per_s": evals / wall if wall else None,
         "train_wall_s": train_wall, "forge_over_train": wall / train_wall if train_wall else None,
         "rel_error_median": float(np.median(rel)), "rel_error_p90": float(np.quantile(rel, 0.9)),
