@@ -12,6 +12,7 @@ attacks (shadows shared between strategies) and the paper's metrics: grad_error/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -27,7 +28,8 @@ from rayforge.train.run import TrainingRun  # noqa: E402
 
 
 def per_step_cost(run: TrainingRun, params: ForgeParams, steps: int) -> tuple[float, float]:
-    ctx = ForgeContext(run, params)
+    """Every part of the first steps (not only what the sample needs): the cost of forging a whole step."""
+    ctx = ForgeContext(run, dataclasses.replace(params, points=None))
     forge_unit(ctx, 0, 1, 0)  # warm-up
     start = time.perf_counter()
     result = forge_unit(ctx, 0, steps, tuple(range(params.kappa)))

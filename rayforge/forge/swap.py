@@ -52,10 +52,11 @@ def per_sample(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch
 
 
 def greedy_picks(pool_grads: torch.Tensor, pool_points: np.ndarray, residual: torch.Tensor, count: int,
-                 first: int | None = None) -> list[int]:
+                 first: int | None = None, gram: torch.Tensor | None = None) -> list[int]:
     """Rows of the pool chosen greedily to cancel `residual`; a point is used once (either orientation).
-    `first` forces the first pick (shortlist variants)."""
-    norms = (pool_grads * pool_grads).sum(1)
+    `first` forces the first pick (shortlist variants); `gram` (pool_grads @ pool_gradsᵀ, shared by the parts of a
+    step) saves a matrix-vector product per pick."""
+    norms = gram.diagonal().clone() if gram is not None else (pool_grads * pool_grads).sum(1)
     dots = pool_grads @ residual
     available = torch.ones(len(pool_points), dtype=torch.bool)
     r_sq = float(residual @ residual)
@@ -65,9 +66,9 @@ def greedy_picks(pool_grads: torch.Tensor, pool_points: np.ndarray, residual: to
         cost = torch.where(available, r_sq - 2 * dots + norms, torch.full_like(norms, float("inf")))
         j = first if (i == 0 and first is not None) else int(torch.argmin(cost))
         picks.append(j)
-        g = pool_grads[j]
+        g = None if gram is not None else pool_grads[j]
         r_sq = r_sq - 2 * float(dots[j]) + float(norms[j])
-        dots -= pool_grads @ g
+        dots -= gram[:, j] if gram is not None else pool_grads @ g
         available &= torch.as_tensor(pool_points != pool_points[j])
     return picks
 
@@ -81,7 +82,7 @@ def draw_pool(ctx, step: int) -> np.ndarray:
 
 def swap_batch(ctx, model, params, target: torch.Tensor, batch: np.ndarray, flips: np.ndarray,
                remove: np.ndarray, pool: np.ndarray, pool_flips: np.ndarray, pool_grads: torch.Tensor,
-               removed_grads: torch.Tensor) -> ForgedBatch:
+               removed_grads: torch.Tensor, gram: torch.Tensor | None = None) -> ForgedBatch:
     """Replace batch[remove] by greedy picks from the pool; exact grad_error of the result."""
     if not remove.any():
         return ForgedBatch(batch.astype(np.int32), flips.copy(), 0.0, 0)  # nothing of D_k in B_t: B_t itself
@@ -95,7 +96,7 @@ def swap_batch(ctx, model, params, target: torch.Tensor, batch: np.ndarray, flip
         starts = [int(j) for j in torch.argsort(first_cost)[:SHORTLIST]]
     variants = []
     for first in starts:
-        picks = greedy_picks(pool_grads, pool, residual, count, first)
+        picks = greedy_picks(pool_grads, pool, residual, count, first, gram)
         new_batch, new_flips = batch.copy(), flips.copy()
         slots = np.flatnonzero(remove)[:len(picks)]
         new_batch[slots], new_flips[slots] = pool[picks], pool_flips[picks]
@@ -122,12 +123,14 @@ def forge_parts(ctx, params: dict[str, torch.Tensor], step: int, parts: list[int
     cache = ctx.__dict__.setdefault("_swap_cache", {})
     grads = per_sample(model, params, x, y, cache)
     batch_grads, pool_grads = grads[:len(batch)], grads[len(batch):]
+    gram = pool_grads @ pool_grads.T  # one matrix product per step serves every part's greedy picks
     out = []
     for k in parts:
         allowed = ctx.allowed_points(point_parts, k)
         remove = ~np.isin(batch, allowed)  # B_t ∩ D_k (and content twins of D_k)
         ok = np.isin(pool_idx, allowed)
-        k_idx, k_flips, k_grads = pool_idx[ok], pool_flips[ok], pool_grads[torch.as_tensor(ok)]
+        keep = torch.as_tensor(ok)
+        k_idx, k_flips, k_grads, k_gram = pool_idx[ok], pool_flips[ok], pool_grads[keep], gram[keep][:, keep]
         short = int(remove.sum()) - len(np.unique(k_idx))
         if short > 0:  # a small pool left too few allowed points: top it up from D \ D_k, seeded per (step, part)
             spare = np.setdiff1d(allowed, np.concatenate([batch, k_idx]))
@@ -139,8 +142,9 @@ def forge_parts(ctx, params: dict[str, torch.Tensor], step: int, parts: list[int
             ex, ey = ctx.data.batch(e_idx, e_flips)
             k_idx, k_flips = np.concatenate([k_idx, e_idx]), np.concatenate([k_flips, e_flips])
             k_grads = torch.cat([k_grads, per_sample(model, params, ex, ey, cache)])
+            k_gram = None  # rare: the greedy computes its products directly
         out.append(swap_batch(ctx, model, params, target, batch, flips, remove, k_idx, k_flips, k_grads,
-                              batch_grads[torch.as_tensor(remove)]))
+                              batch_grads[torch.as_tensor(remove)], k_gram))
     # The shared per-sample pass, in minibatch units, is charged to the step's first part.
     if out:
         out[0] = dataclasses.replace(out[0], grad_evals=out[0].grad_evals + len(y) / len(batch))

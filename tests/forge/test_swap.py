@@ -20,6 +20,8 @@ def test_greedy_picks_on_a_hand_checked_example():
     assert greedy_picks(pool, np.array([10, 11, 12, 13]), torch.tensor([3.0, 0.0]), 2) == [1, 0]
     # one point in two orientations (rows 0 and 1 are both point 7): never picked twice
     assert greedy_picks(pool, np.array([7, 7, 12, 13]), torch.tensor([4.0, 0.1]), 2) == [1, 3]
+    # with the step's shared Gram matrix: the same picks
+    assert greedy_picks(pool, np.array([10, 11, 12, 13]), torch.tensor([3.0, 0.0]), 2, gram=pool @ pool.T) == [1, 0]
 
 
 def _unit(run, strategy, **kw):
