@@ -25,7 +25,7 @@ from rayforge.forge.fastgrad import make_gradient_evaluator
 from rayforge.forge.gradients import flatten
 from rayforge.forge.splits import Splits, check_split_params, sample_points
 from rayforge.forge.twins import Twins
-from rayforge.train.log import ckpt_name, read_checkpoint, write_parquet
+from rayforge.train.log import ckpt_name, read_checkpoint, read_table_if_valid, write_parquet
 from rayforge.train.run import TrainingRun, hyper_of, set_determinism
 from rayforge.train.sgd import loss_and_grads, sgd_update
 
@@ -239,11 +239,7 @@ def prepare_output(out: Path, params: ForgeParams) -> None:
 
 def read_unit(path: Path) -> pa.Table | None:
     """A finished unit's table, or None when absent or unreadable (then the unit is simply redone)."""
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException):
-        return None
-    return table if table.schema.remove_metadata() == FORGED_SCHEMA else None
+    return read_table_if_valid(path, FORGED_SCHEMA)
 
 
 def merge_units(out: Path, units: list[tuple[int, int, int]]) -> pa.Table:

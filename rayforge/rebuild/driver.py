@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rayforge.config import RayConfig, WandbConfig
 from rayforge.errors import RayforgeError
@@ -24,7 +23,7 @@ from rayforge.rebuild.engine import (DISTANCES_SCHEMA, RebuildContext, distances
                                      rebuild_groups_batched)
 from rayforge.stage import run_units
 from rayforge.tracking import MetricLogger
-from rayforge.train.log import atomic_write_json, state_tensors, write_parquet
+from rayforge.train.log import atomic_write_json, read_table_if_valid, state_tensors, write_parquet
 from rayforge.train.run import TrainingRun
 
 METHODS = ("sequential", "batched")
@@ -80,11 +79,7 @@ def _unit_path(out: Path, first: int) -> Path:
 
 
 def _read_unit(path: Path) -> pa.Table | None:
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException):
-        return None
-    return table if table.schema.remove_metadata() == DISTANCES_SCHEMA else None
+    return read_table_if_valid(path, DISTANCES_SCHEMA)
 
 
 def run_rebuild(run_dir: str | Path, params: RebuildParams, actors: int, ray_cfg: RayConfig,

@@ -47,28 +47,25 @@ def figures(figs: dict, out: Path, title: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
-    d = figs["d_theta"]
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.boxplot([np.log10(np.maximum(d, 1e-300))], showfliers=False)
-    ax.set_xticks([1], [title])
-    ax.set_ylabel(r"$\log_{10}(\|\theta_*-\theta_{-i}\|_2^2/\dim\theta)$")
-    ax.set_title("Fig. 3: model distance d_θ")
-    fig.tight_layout()
-    paths.append(out / "fig3_d_theta.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    def boxplot(path: Path, groups: list, labels: list[str], ylabel: str, title: str, width: float) -> Path:
+        fig, ax = plt.subplots(figsize=(width, 4))
+        ax.boxplot(groups, showfliers=False)  # outliers hidden, as in the paper's figures
+        ax.set_xticks(range(1, len(labels) + 1), labels)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
 
     names = [a for a in ORDER if a in figs["s"]]
-    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 4))
-    ax.boxplot([figs["s"][a] for a in names], showfliers=False)
-    ax.set_xticks(range(1, len(names) + 1), [ATTACK_TITLES[a] for a in names])
-    ax.set_ylabel(r"$s_A = |score(x_i,\theta_{-i}) - score(x_i,\theta_*)|$")
-    ax.set_title("Fig. 4-5: membership score differences")
-    fig.tight_layout()
-    paths.append(out / "fig4_score_differences.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths = [
+        boxplot(out / "fig3_d_theta.png", [np.log10(np.maximum(figs["d_theta"], 1e-300))], [title],
+                r"$\log_{10}(\|\theta_*-\theta_{-i}\|_2^2/\dim\theta)$", "Fig. 3: model distance d_θ", 4),
+        boxplot(out / "fig4_score_differences.png", [figs["s"][a] for a in names], [ATTACK_TITLES[a] for a in names],
+                r"$s_A = |score(x_i,\theta_{-i}) - score(x_i,\theta_*)|$", "Fig. 4-5: membership score differences",
+                1.4 * len(names) + 2),
+    ]
 
     fig, ax = plt.subplots(figsize=(5, 5))
     for a in names:

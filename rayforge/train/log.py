@@ -64,6 +64,15 @@ def write_parquet(path: Path, table: pa.Table) -> None:
     os.replace(tmp, path)
 
 
+def read_table_if_valid(path: Path, schema: pa.Schema) -> pa.Table | None:
+    """A progress file's table, or None when absent, unreadable or of another schema (its unit is then redone)."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException):
+        return None
+    return table if table.schema.remove_metadata() == schema else None
+
+
 # ---------------------------------------------------------------------------------------------- step table
 
 @dataclass(frozen=True)

@@ -78,8 +78,9 @@ def test_broken_archive_is_malformed(tmp_path):
         load_split("cifar10", "train", data_root=str(tmp_path))
 
 
-def _write_batches(directory, seed=0) -> dict:
-    """Pickled batches shaped like the release's (dict: 'data' (N, 3072) uint8, 'labels' list).
+def _write_batches(directory, seed=0, written: dict | None = None) -> dict:
+    """Pickled batches shaped like the release's (dict: 'data' (N, 3072) uint8, 'labels' list); their MD5s.
+    `written` receives the batches as written, so tests compare against them without unpickling anything.
 
     Protocol 3: Python 3 pickles bytes natively from it on (the release's Python 2 str needs no global either).
     """
@@ -89,15 +90,18 @@ def _write_batches(directory, seed=0) -> dict:
     for name in cifar10.BATCH_MD5:
         batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, 4).tolist()}
         (directory / name).write_bytes(pickle.dumps(batch, protocol=3))
+        if written is not None:
+            written[name] = batch
         md5[name] = hashlib.md5((directory / name).read_bytes()).hexdigest()
     return md5
 
 
 def test_batches_with_canonical_md5_load(tmp_path, monkeypatch):
-    md5 = _write_batches(tmp_path / cifar10.BATCHES_DIR)
+    written = {}
+    md5 = _write_batches(tmp_path / cifar10.BATCHES_DIR, written=written)
     monkeypatch.setattr(cifar10, "BATCH_MD5", md5)  # stand-ins for the canonical checksums
     a = load_split("cifar10", "train", data_root=str(tmp_path))
-    first = pickle.loads((tmp_path / cifar10.BATCHES_DIR / "data_batch_1").read_bytes())
+    first = written["data_batch_1"]
     assert a.images.shape == (20, 3, 32, 32) and a.labels.shape == (20,)
     np.testing.assert_array_equal(a.images[:4], first["data"].reshape(4, 3, 32, 32))
     np.testing.assert_array_equal(a.labels[:4], first["labels"])
