@@ -87,7 +87,7 @@ def run_forge(run_dir: str | Path, params: ForgeParams, actors: int, ray_cfg: Ra
     record = _read_progress(progress_path)
     evals, elapsed_before = record["evals"], record["elapsed_s"]
     start_time = time.perf_counter()
-    totals = {"rel": 0.0, "rows": 0, "evals": 0}
+    totals = {"rel": 0.0, "rows": 0, "evals": 0, "steps": 0}
 
     def save(unit, result) -> None:
         # Record first, then the unit: a kill in between only redoes the unit, whose count is the same.
@@ -100,11 +100,13 @@ def run_forge(run_dir: str | Path, params: ForgeParams, actors: int, ray_cfg: Ra
         totals["rel"] += float(rel.sum())
         totals["rows"] += len(rel)
         totals["evals"] += result["grad_evals"]
+        totals["steps"] += unit[1] - unit[0]
         if on_unit:
             on_unit(unit)
 
     def postfix(result, elapsed: float) -> dict:
-        return {"cand_per_s": f"{totals['evals'] / elapsed:.0f}", "rel_err": f"{totals['rel'] / totals['rows']:.3f}"}
+        return {"steps": totals["steps"], "cand_per_s": f"{totals['evals'] / elapsed:.0f}",
+                "rel_err": f"{totals['rel'] / max(totals['rows'], 1):.3f}"}
 
     ran = run_units(todo, ForgeWorker, (str(run.run_dir), params.to_json()), "forge", ray_cfg, actors, save,
                     f"forge[{params.strategy}]", len(units), progress, max_units, postfix)

@@ -106,6 +106,7 @@ class ForgeContext:
         self.hyper = hyper_of(run.cfg)
         self.splits = Splits(len(self.data), params.lam, params.kappa, params.seed)
         self.grads = None  # the candidate-gradient evaluator, built from the first model seen
+        self.swap_cache: dict = {}  # strategy swap: its eval-mode model copy for BatchNorm per-sample gradients
         self.strategy = STRATEGIES[params.strategy]
         self.needed = needed_parts(self.splits, run.steps, params.points)
 

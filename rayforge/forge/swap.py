@@ -120,7 +120,7 @@ def forge_parts(ctx, params: dict[str, torch.Tensor], step: int, parts: list[int
     pool_flips = np.concatenate([np.zeros(len(pool), bool), np.ones(len(pool), bool)]) if ctx.flip \
         else np.zeros(len(pool), bool)
     x, y = ctx.data.batch(np.concatenate([batch, pool_idx]), np.concatenate([flips, pool_flips]))
-    cache = ctx.__dict__.setdefault("_swap_cache", {})
+    cache = ctx.swap_cache
     grads = per_sample(model, params, x, y, cache)
     batch_grads, pool_grads = grads[:len(batch)], grads[len(batch):]
     gram = pool_grads @ pool_grads.T  # one matrix product per step serves every part's greedy picks

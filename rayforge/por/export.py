@@ -25,7 +25,7 @@ from rayforge.por.artifact import MANIFEST, POR_FORMAT, STEPS_FILE, l2_distance,
     read_manifest
 from rayforge.rebuild.engine import d_theta
 from rayforge.rebuild.forged_log import ForgedLogs
-from rayforge.train.log import atomic_write_json, check_state, ckpt_name, read_checkpoint, save_checkpoint, \
+from rayforge.train.log import atomic_write_json, check_fresh_dir, check_state, ckpt_name, read_checkpoint, save_checkpoint, \
     staged_dir, steps_table, write_parquet
 from rayforge.train.replay import replay_steps
 from rayforge.train.run import TrainingRun, hyper_of, new_model, set_determinism
@@ -54,11 +54,6 @@ def write_deployed_model(run: TrainingRun, path: str | Path) -> str:
     return model_sha256(params_of(deployed))
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise RayforgeError(f"refusing to write the PoR into '{out_dir}': it exists and is not empty")
-
-
 def export_por(run: TrainingRun, strategy: str, point: int, out_dir: str | Path,
                device: torch.device | None = None) -> dict:
     """Write the PoR of training point `point` into `out_dir` (which must not exist or be empty); return por.json.
@@ -74,7 +69,7 @@ def export_por(run: TrainingRun, strategy: str, point: int, out_dir: str | Path,
 
 
 def _export_por(run: TrainingRun, strategy: str, point, out_dir: Path, device: torch.device | None) -> dict:
-    _check_out_dir(out_dir)
+    check_fresh_dir(out_dir)
     n = int(run.info["n"])
     if isinstance(point, bool) or not isinstance(point, (int, np.integer)) or not 0 <= int(point) < n:
         raise RayforgeError(f"--point must be a training-point index in [0, {n}), got {point!r}")

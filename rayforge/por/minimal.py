@@ -18,8 +18,8 @@ import torch
 from rayforge.errors import RayforgeError
 from rayforge.forge.swap import greedy_picks, per_sample
 from rayforge.forge.twins import Twins
-from rayforge.por.export import _check_out_dir, write_por
-from rayforge.train.log import Steps
+from rayforge.por.export import write_por
+from rayforge.train.log import Steps, check_fresh_dir
 from rayforge.train.run import TrainingRun, hyper_of, set_determinism
 from rayforge.train.sgd import loss_and_grads, sgd_update
 
@@ -71,7 +71,7 @@ def export_minimal_por(run: TrainingRun, point: int, out_dir: str | Path, pool_s
                        device: torch.device | None = None) -> dict:
     """Write the minimal PoR of `point` into `out_dir` (must not exist or be empty); return por.json."""
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
+    check_fresh_dir(out_dir)
     n = int(run.info["n"])
     if isinstance(point, bool) or not isinstance(point, (int, np.integer)) or not 0 <= int(point) < n:
         raise RayforgeError(f"--point must be a training-point index in [0, {n}), got {point!r}")

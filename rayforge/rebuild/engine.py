@@ -11,6 +11,7 @@ last checkpoint before it. Two replays:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,7 +119,7 @@ def rebuild_groups_batched(ctx: RebuildContext, groups: list[int]) -> list[Rebui
                 params[n] = params[n].add(d, alpha=-lr)
     results = []
     for i, glog in enumerate(glogs):
-        model, _ = ctx.run.model_at(start, ctx.device)
+        model = copy.deepcopy(template)  # buffers as at `start`: BatchNorm-free, so nothing else to carry
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(params[n][i])

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rayforge.errors import MalformedArtifact
+from rayforge.errors import MalformedArtifact, RayforgeError
 
 STEPS_SCHEMA = pa.schema([
     ("step", pa.int64()),
@@ -179,6 +179,13 @@ def save_checkpoint(path: Path, model: nn.Module, velocity: dict[str, torch.Tens
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return read_tensors(path, "checkpoint")
+
+
+def check_fresh_dir(out_dir: Path) -> None:
+    """Outputs that are built whole (a run, a PoR) never go into a directory that already holds something."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise RayforgeError(f"refusing to overwrite '{out_dir}': it exists and is not empty")
 
 
 @contextlib.contextmanager

@@ -14,20 +14,14 @@ import torch
 
 from rayforge.config import Config, dump_config
 from rayforge.data import build_dataset, dataset_info
-from rayforge.errors import RayforgeError
 from rayforge.progress import progress_bar
 from rayforge.tracking import MetricLogger
 from rayforge.train.batches import TensorData, accuracy
 from rayforge.train.log import atomic_write_bytes, atomic_write_json, ckpt_name, save_checkpoint, staged_dir, \
-    steps_table, write_parquet
+    check_fresh_dir,     steps_table, write_parquet
 from rayforge.train.run import hyper_of, new_model, resolve_device, set_determinism
 from rayforge.train.schedule import checkpoint_steps, make_plan, steps_per_epoch
 from rayforge.train.sgd import train_step, zero_velocity
-
-
-def check_fresh_dir(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise RayforgeError(f"refusing to overwrite '{out_dir}': it exists and is not empty")
 
 
 def train(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
