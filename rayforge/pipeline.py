@@ -9,7 +9,7 @@ from rayforge.config import Config, config_from_dict
 from rayforge.forge.driver import run_forge
 from rayforge.forge.engine import ForgeParams, forge_dir
 from rayforge.ray_utils import ray_session, resources
-from rayforge.train.log import check_fresh_dir
+from rayforge.io import check_fresh_dir
 from rayforge.train.trainer import train
 
 

@@ -32,7 +32,7 @@ def forge_in_process(run_dir, kappa=2, mu=3, lam=2, strategy="paper", points=Non
 
     from rayforge.forge.engine import (ForgeContext, ForgeParams, forge_dir, forge_unit, plan_units,
                                        prepare_output, unit_table)
-    from rayforge.train.log import write_parquet
+    from rayforge.io import write_parquet
     from rayforge.train.run import TrainingRun
 
     run = TrainingRun.open(run_dir)

@@ -27,7 +27,8 @@ from rayforge.config import Config, RayConfig, WandbConfig
 from rayforge.errors import RayforgeError
 from rayforge.rebuild.driver import RebuildParams, run_rebuild
 from rayforge.stage import run_units
-from rayforge.train.log import atomic_write_json, read_tensors, save_tensors, state_tensors, write_parquet
+from rayforge.train.log import state_tensors
+from rayforge.io import atomic_write_json, read_tensors, save_tensors, write_parquet
 from rayforge.train.run import TrainingRun
 
 SCORES_SCHEMA = pa.schema([

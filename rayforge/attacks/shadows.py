@@ -24,7 +24,8 @@ from rayforge.attacks.base import Population, model_logits
 from rayforge.config import TrainConfig
 from rayforge.errors import MalformedArtifact, RayforgeError
 from rayforge.models import build_model
-from rayforge.train.log import atomic_write_json, check_state, load_state, read_tensors, save_tensors, state_tensors
+from rayforge.train.log import check_state, load_state, state_tensors
+from rayforge.io import atomic_write_json, read_tensors, save_tensors
 from rayforge.train.schedule import make_plan
 from rayforge.train.sgd import SGDHyper, train_step, zero_velocity
 

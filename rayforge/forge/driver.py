@@ -22,7 +22,7 @@ from rayforge.forge.engine import (ForgeContext, ForgeParams, forge_dir, forge_u
 from rayforge.forge.splits import Splits
 from rayforge.stage import run_units
 from rayforge.tracking import MetricLogger
-from rayforge.train.log import atomic_write_json, write_parquet
+from rayforge.io import atomic_write_json, write_parquet
 from rayforge.train.run import TrainingRun
 
 

@@ -25,7 +25,8 @@ from rayforge.forge.fastgrad import make_gradient_evaluator
 from rayforge.forge.gradients import flatten
 from rayforge.forge.splits import Splits, check_split_params, sample_points
 from rayforge.forge.twins import Twins
-from rayforge.train.log import ckpt_name, read_checkpoint, read_table_if_valid, write_parquet
+from rayforge.train.log import ckpt_name, read_checkpoint
+from rayforge.io import read_table_if_valid, write_parquet
 from rayforge.train.run import TrainingRun, hyper_of, set_determinism
 from rayforge.train.sgd import loss_and_grads, sgd_update
 
@@ -233,7 +234,7 @@ def prepare_output(out: Path, params: ForgeParams) -> None:
             raise RayforgeError(f"{out} holds progress made with other parameters {previous}; "
                                 f"remove it or choose a different strategy directory")
     else:
-        from rayforge.train.log import atomic_write_json
+        from rayforge.io import atomic_write_json
 
         atomic_write_json(path, params.to_json())
 

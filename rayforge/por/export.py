@@ -11,13 +11,11 @@ are copied from the original log.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from rayforge.data import point_sha256
 from rayforge.errors import RayforgeError
@@ -25,8 +23,8 @@ from rayforge.por.artifact import MANIFEST, POR_FORMAT, STEPS_FILE, l2_distance,
     read_manifest
 from rayforge.rebuild.engine import d_theta
 from rayforge.rebuild.forged_log import ForgedLogs
-from rayforge.train.log import atomic_write_json, check_fresh_dir, check_state, ckpt_name, read_checkpoint, save_checkpoint, \
-    staged_dir, steps_table, write_parquet
+from rayforge.io import atomic_write_json, check_fresh_dir, save_tensors, staged_dir, write_parquet
+from rayforge.train.log import check_state, ckpt_name, read_checkpoint, save_checkpoint, steps_table
 from rayforge.train.replay import replay_steps
 from rayforge.train.run import TrainingRun, hyper_of, new_model, set_determinism
 
@@ -48,9 +46,7 @@ def write_deployed_model(run: TrainingRun, path: str | Path) -> str:
     path = Path(path)
     tensors = _original_final(run)
     deployed = {k: v for k, v in tensors.items() if k.startswith(("param/", "buffer/"))}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(deployed, str(tmp), metadata={"rayforge": DEPLOYED_FORMAT})
-    os.replace(tmp, path)
+    save_tensors(path, deployed, tag=DEPLOYED_FORMAT)
     return model_sha256(params_of(deployed))
 
 

@@ -19,7 +19,8 @@ from rayforge.errors import RayforgeError
 from rayforge.forge.swap import greedy_picks, per_sample
 from rayforge.forge.twins import Twins
 from rayforge.por.export import write_por
-from rayforge.train.log import Steps, check_fresh_dir
+from rayforge.train.log import Steps
+from rayforge.io import check_fresh_dir
 from rayforge.train.run import TrainingRun, hyper_of, set_determinism
 from rayforge.train.sgd import loss_and_grads, sgd_update
 

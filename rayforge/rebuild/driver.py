@@ -23,7 +23,8 @@ from rayforge.rebuild.engine import (DISTANCES_SCHEMA, RebuildContext, distances
                                      rebuild_groups_batched)
 from rayforge.stage import run_units
 from rayforge.tracking import MetricLogger
-from rayforge.train.log import atomic_write_json, read_table_if_valid, state_tensors, write_parquet
+from rayforge.train.log import state_tensors
+from rayforge.io import atomic_write_json, read_table_if_valid, save_tensors, write_parquet
 from rayforge.train.run import TrainingRun
 
 METHODS = ("sequential", "batched")
@@ -105,10 +106,8 @@ def run_rebuild(run_dir: str | Path, params: RebuildParams, actors: int, ray_cfg
     todo = [u for u in units if _read_unit(_unit_path(out, u[0])) is None]
 
     def save(unit, result) -> None:
-        from safetensors.torch import save_file
-
         for g, tensors in result["models"].items():
-            save_file(tensors, str(out / "models" / f"group-{g:08d}.safetensors"))
+            save_tensors(out / "models" / f"group-{g:08d}.safetensors", tensors)
         if on_consumed:
             on_consumed(unit[0], result["consumed"])
         write_parquet(_unit_path(out, unit[0]), distances_table(result["rows"]))  # last: marks the unit done

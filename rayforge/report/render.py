@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from rayforge.io import atomic_write_json, atomic_write_text
 from rayforge.report.metrics import compute_metrics
 from rayforge.tracking import MetricLogger
 from rayforge.train.run import TrainingRun
@@ -89,8 +89,8 @@ def write_report(run_dir: str | Path, strategy: str = "paper") -> dict:
     metrics, figs = compute_metrics(run_dir, strategy)
     out = Path(run_dir) / "report"
     out.mkdir(exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    (out / "tables.md").write_text(tables_md(metrics))
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_text(out / "tables.md", tables_md(metrics))
     s = metrics["setting"]
     paths = figures(figs, out, f"{s['dataset']} {s['model']} λ={s['lam']}")
     run = TrainingRun.open(run_dir)

@@ -5,29 +5,24 @@ Layout inside a run directory:
     trajectory/steps.parquet                step int64, batch list<int32>, flip list<bool>, lr float64
     trajectory/ckpt-<8-digit step>.safetensors   state *before* that step: param/*, buffer/*, velocity/*
 
+Generic I/O (atomic writes, Parquet, safetensors, staged directories) lives in `rayforge.io`.
 Logs come from untrusted parties: nothing here unpickles, every table is schema-checked and every checkpoint is
 checked against the model's own names, shapes and dtypes before use.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rayforge.errors import MalformedArtifact, RayforgeError
+from rayforge.errors import MalformedArtifact
+from rayforge.io import read_parquet, read_tensors, save_tensors
 
 STEPS_SCHEMA = pa.schema([
     ("step", pa.int64()),
@@ -41,36 +36,6 @@ CKPT_FORMAT = "rayforge-ckpt-1"
 
 def ckpt_name(step: int) -> str:
     return f"ckpt-{step:08d}.safetensors"
-
-
-# ---------------------------------------------------------------------------------------------- atomic writes
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file and rename, so a killed process never leaves a half-written artifact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def write_parquet(path: Path, table: pa.Table) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-
-
-def read_table_if_valid(path: Path, schema: pa.Schema) -> pa.Table | None:
-    """A progress file's table, or None when absent, unreadable or of another schema (its unit is then redone)."""
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException):
-        return None
-    return table if table.schema.remove_metadata() == schema else None
 
 
 # ---------------------------------------------------------------------------------------------- step table
@@ -107,12 +72,7 @@ def read_steps(path: Path, n_points: int | None = None) -> Steps:
     """Read and validate a step table: exact schema, contiguous steps from 0, no nulls, matching batch/flip
     lengths, indices in [0, n_points), finite positive learning rates."""
     path = Path(path)
-    if not path.is_file():
-        raise MalformedArtifact(f"missing step table {path}")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise MalformedArtifact(f"{path}: unreadable Parquet ({exc})") from None
+    table = read_parquet(path, "step table")
     if table.schema.remove_metadata() != STEPS_SCHEMA:
         raise MalformedArtifact(f"{path}: wrong schema {table.schema.to_string(show_schema_metadata=False)!r}, "
                                 f"expected step int64, batch list<int32>, flip list<bool>, lr double")
@@ -152,58 +112,12 @@ def state_tensors(model: nn.Module, velocity: dict[str, torch.Tensor] | None) ->
     return {k: v.to("cpu").contiguous().clone() for k, v in out.items()}
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], tag: str | None = None) -> None:
-    """Atomic safetensors write. One metadata key at most: safetensors writes a multi-key metadata map in hash
-    order, which breaks byte-identity."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"rayforge": tag} if tag else None)
-    os.replace(tmp, path)
-
-
-def read_tensors(path: Path, what: str = "safetensors file") -> dict[str, torch.Tensor]:
-    """Load a safetensors file (never a pickle); a missing or unreadable one is a MalformedArtifact."""
-    path = Path(path)
-    if not path.is_file():
-        raise MalformedArtifact(f"missing {what} {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise MalformedArtifact(f"{path}: not a readable safetensors {what} ({exc})") from None
-
-
 def save_checkpoint(path: Path, model: nn.Module, velocity: dict[str, torch.Tensor] | None, step: int) -> None:
     save_tensors(path, state_tensors(model, velocity), tag=f"{CKPT_FORMAT};step={step}")
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return read_tensors(path, "checkpoint")
-
-
-def check_fresh_dir(out_dir: Path) -> None:
-    """Outputs that are built whole (a run, a PoR) never go into a directory that already holds something."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise RayforgeError(f"refusing to overwrite '{out_dir}': it exists and is not empty")
-
-
-@contextlib.contextmanager
-def staged_dir(out_dir: Path):
-    """Build a directory in a temporary sibling and rename it into place only on success: a failure (or Ctrl-C)
-    leaves nothing at `out_dir` and never touches an existing one. `out_dir` must be absent or empty."""
-    out_dir = Path(out_dir)
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    try:
-        yield tmp_dir
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, as required
-        tmp_dir.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
 
 
 def check_state(tensors: dict[str, torch.Tensor], model: nn.Module, where: str,

@@ -17,8 +17,8 @@ from rayforge.data import build_dataset, dataset_info
 from rayforge.progress import progress_bar
 from rayforge.tracking import MetricLogger
 from rayforge.train.batches import TensorData, accuracy
-from rayforge.train.log import atomic_write_bytes, atomic_write_json, ckpt_name, save_checkpoint, staged_dir, \
-    check_fresh_dir,     steps_table, write_parquet
+from rayforge.io import atomic_write_bytes, atomic_write_json, check_fresh_dir, staged_dir, write_parquet
+from rayforge.train.log import ckpt_name, save_checkpoint, steps_table
 from rayforge.train.run import hyper_of, new_model, resolve_device, set_determinism
 from rayforge.train.schedule import checkpoint_steps, make_plan, steps_per_epoch
 from rayforge.train.sgd import train_step, zero_velocity

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from rayforge.errors import MalformedArtifact, RayforgeError
 from rayforge.por import DEFAULT_TOL, parse_selection, verify_por
 from rayforge.rebuild.forged_log import ForgedLogs
-from rayforge.train.log import ckpt_name, read_steps, steps_table, write_parquet
+from rayforge.train.log import ckpt_name, read_steps, steps_table
+from rayforge.io import write_parquet
 from rayforge.train.run import TrainingRun
 
 

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from rayforge.cli import main
 from rayforge.errors import MalformedArtifact, RayforgeError
-from rayforge.train.log import STEPS_SCHEMA, ckpt_name, steps_table, write_parquet
+from rayforge.train.log import STEPS_SCHEMA, ckpt_name, steps_table
+from rayforge.io import write_parquet
 from rayforge.train.replay import replay
 from rayforge.train.run import TrainingRun
 from rayforge.train.trainer import train
