@@ -123,6 +123,7 @@ def run_rebuild(run_dir: str | Path, params: RebuildParams, actors: int, ray_cfg
                "log10_d_theta_median": float(np.log10(np.median(d))) if np.median(d) > 0 else None}
     with MetricLogger(run.run_dir, f"{stage}-{params.strategy}", wandb_cfg, asdict(params),
                       run_name=run.cfg.name) as logger:
+        logger.d_theta(table.to_pylist())
         logger.summary(summary)
     atomic_write_json(out / "summary.json", summary)
     return summary
