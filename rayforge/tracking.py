@@ -129,6 +129,7 @@ def _init_wandb(mode: str, wandb_cfg: WandbConfig, wandb_dir: Path, run: dict, c
         except wandb.errors.Error as exc:
             _warn(f"W&B init failed ({' '.join(str(exc).split())[:200]}); logging offline under "
                   f"{wandb_dir / 'wandb'} (upload later: wandb sync {wandb_dir / 'wandb'})")
+            wandb.teardown()  # the failed attempt still holds the run id
             return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs), "offline"
     return wandb.init(mode=mode, **kwargs), mode
 

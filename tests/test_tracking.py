@@ -128,22 +128,44 @@ def test_online_without_network_falls_back_to_offline_with_one_line(run_dir, wan
     assert any(p.name.endswith(recorded["id"]) for p in (run_dir / "wandb").glob("offline-run-*"))
 
 
-def test_reachable_means_an_http_server_answers(monkeypatch):
-    monkeypatch.setattr(tracking, "_reachable_cache", {})
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """A server that answers every request with 401, as W&B does for a wrong API key."""
 
-    class NotFound(http.server.BaseHTTPRequestHandler):
-        def do_HEAD(self):
-            self.send_error(404)
+    def _refuse(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(401)
+        self.send_header("content-length", "0")
+        self.end_headers()
 
-        def log_message(self, *args):
-            pass
+    do_GET = do_POST = do_HEAD = _refuse
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def refusing_server():
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Refusing)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        assert reachable(f"http://127.0.0.1:{server.server_port}")
-    finally:
-        server.shutdown()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_online_init_failure_falls_back_to_offline(run_dir, wandb_env, refusing_server, capfd):
+    wandb_env.setenv("WANDB_MODE", "online")
+    wandb_env.setenv("WANDB_API_KEY", "x" * 40)
+    wandb_env.setenv("WANDB_BASE_URL", refusing_server)
+    _log_some(run_dir)
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("rayforge: warning")]
+    assert len(warnings) == 1 and "W&B init failed" in warnings[0]
+    recorded = json.loads((run_dir / "metrics" / "wandb.json").read_text())["forge-paper"]
+    assert recorded["mode"] == "offline"
+    assert any(p.name.endswith(recorded["id"]) for p in (run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_reachable_means_an_http_server_answers(monkeypatch, refusing_server):
+    monkeypatch.setattr(tracking, "_reachable_cache", {})
+    assert reachable(refusing_server)
     assert not reachable(f"http://127.0.0.1:{_closed_port()}")
     assert not reachable("not a url")
 
