@@ -222,8 +222,12 @@ class MetricLogger:
     def close(self, exit_code: int = 0) -> None:
         self._file.close()
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish(exit_code=exit_code)
             self._wandb = None
+            # Stop W&B's service with the stage's run: its exit hook fails in a Ray worker that Ray ends.
+            wandb.teardown(exit_code)
 
     def __enter__(self):
         return self
