@@ -35,6 +35,7 @@ from rayforge.io import atomic_write_json
 PROBE_TIMEOUT_S = 3.0  # how long online mode waits for the W&B server before logging offline
 INIT_TIMEOUT_S = 30.0  # wandb.init's own limit once the server answered (wandb's default: 90 s)
 _reachable_cache: dict[str, bool] = {}
+_warned: set[str] = set()  # fall-back warnings already given (one line each per process)
 
 
 def resolve_wandb_mode(cfg: WandbConfig) -> str:
@@ -106,32 +107,33 @@ def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     return _reachable_cache[url]
 
 
-def _warn(message: str) -> None:
-    print(f"rayforge: warning: {message}", file=sys.stderr, flush=True)
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(f"rayforge: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _init_wandb(mode: str, wandb_cfg: WandbConfig, wandb_dir: Path, run: dict, config: dict, tags: list[str]):
-    """`wandb.init` for one stage; online falls back to offline (one warning line) when the server is out of
-    reach or init fails. Returns (run, mode used)."""
+    """`wandb.init` for one stage; online falls back to offline (one warning line per process and cause) when the
+    server is out of reach or init fails. Returns (run, mode used)."""
     import wandb  # imported lazily: it is slow to import and unused when disabled
 
     kwargs = dict(project=wandb_cfg.project, entity=wandb_cfg.entity, dir=str(wandb_dir), id=run["id"],
                   name=run["name"], group=run["group"], job_type=run["stage"], config=config, tags=tags,
                   resume="allow", reinit="finish_previous")
-    if mode == "online":
-        base_url = wandb.setup().settings.base_url
-        if not reachable(base_url):
-            _warn(f"W&B server {base_url} unreachable within {PROBE_TIMEOUT_S:g} s; logging offline under "
-                  f"{wandb_dir / 'wandb'} (upload later: wandb sync {wandb_dir / 'wandb'})")
-            return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs), "offline"
+    if mode != "online":
+        return wandb.init(mode=mode, **kwargs), mode
+    offline = f"logging offline under {wandb_dir / 'wandb'} (upload later: wandb sync {wandb_dir / 'wandb'})"
+    base_url = wandb.setup().settings.base_url
+    if not reachable(base_url):
+        _warn_once(f"W&B server {base_url} unreachable within {PROBE_TIMEOUT_S:g} s; {offline}")
+    else:
         try:
             return wandb.init(mode="online", settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S), **kwargs), mode
         except wandb.errors.Error as exc:
-            _warn(f"W&B init failed ({' '.join(str(exc).split())[:200]}); logging offline under "
-                  f"{wandb_dir / 'wandb'} (upload later: wandb sync {wandb_dir / 'wandb'})")
+            _warn_once(f"W&B init failed ({' '.join(str(exc).split())[:200]}); {offline}")
             wandb.teardown()  # the failed attempt still holds the run id
-            return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs), "offline"
-    return wandb.init(mode=mode, **kwargs), mode
+    return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs), "offline"
 
 
 class MetricLogger:

@@ -41,6 +41,7 @@ def wandb_env(monkeypatch, tmp_path):
     for var in ("WANDB_BASE_URL", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(tracking, "_reachable_cache", {})
+    monkeypatch.setattr(tracking, "_warned", set())
     wandb.teardown()
     yield monkeypatch
     wandb.teardown()
@@ -120,6 +121,7 @@ def test_online_without_network_falls_back_to_offline_with_one_line(run_dir, wan
     wandb_env.setenv("WANDB_API_KEY", "x" * 40)
     wandb_env.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
     _log_some(run_dir)
+    _log_some(run_dir, "report-paper")  # the next stage of the run: offline at once, no second warning
     err = capfd.readouterr().err
     warnings = [line for line in err.splitlines() if line.strip()]
     assert len(warnings) == 1 and "unreachable" in warnings[0] and "wandb sync" in warnings[0], err
