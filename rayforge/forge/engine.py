@@ -44,14 +44,6 @@ STRATEGIES: dict[str, Callable] = {"paper": algorithm2.forge_parts, "swap": swap
                                    "hybrid": swap.forge_parts_hybrid}
 
 
-def register_strategy(name: str):
-    def deco(fn):
-        STRATEGIES[name] = fn
-        return fn
-
-    return deco
-
-
 @dataclass(frozen=True)
 class ForgeParams:
     """Everything that determines the output bytes (chunk and threads change float rounding, so they count)."""
