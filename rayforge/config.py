@@ -211,6 +211,8 @@ def validate(cfg: Config) -> None:
         (cfg.forge.lam >= 1, "forge.lam must be >= 1"),
         (cfg.forge.chunk >= 1, "forge.chunk must be >= 1"),
         (cfg.forge.pool_size >= 1, "forge.pool_size must be >= 1"),
+        (cfg.forge.points is None or cfg.forge.points >= 1, "forge.points must be >= 1"),
+        (cfg.forge.dsub_size is None or cfg.forge.dsub_size >= 1, "forge.dsub_size must be >= 1"),
         (cfg.forge.grad_method in ("auto", "hooks", "vmap"), "forge.grad_method must be auto, hooks or vmap"),
         (cfg.ray.actors >= 1, "ray.actors must be >= 1"),
         (cfg.attack.shadows >= 2 and cfg.attack.shadows % 2 == 0, "attack.shadows must be even and >= 2"),

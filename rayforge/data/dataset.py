@@ -74,11 +74,15 @@ def _download(spec: _FileDataset, root: Path) -> str | None:
         socket.setdefaulttimeout(previous)
 
 
-def _locate(dataset: str, split: str, data_root: str | None) -> Source:
-    """data_root, then $RAYFORGE_DATA, then torchvision's download into the cache; one error naming them all."""
+def _locate(dataset: str, split: str, data_root: str | None, fallback: bool = True) -> Source:
+    """data_root, then (with `fallback`) $RAYFORGE_DATA and torchvision's download into the cache; one error naming
+    every place searched."""
     spec = FILE_DATASETS[dataset]
+    bases = [("data_root", data_root)]
+    if fallback:
+        bases.append(("$RAYFORGE_DATA", os.environ.get("RAYFORGE_DATA")))
     searched = []
-    for label, base in (("data_root", data_root), ("$RAYFORGE_DATA", os.environ.get("RAYFORGE_DATA"))):
+    for label, base in bases:
         if not base:
             searched.append(f"{label}=<unset>")
             continue
@@ -87,6 +91,15 @@ def _locate(dataset: str, split: str, data_root: str | None) -> Source:
         if isinstance(found, Source):
             return found
         searched.append(f"{label}={base} ({found})")
+    if not fallback:
+        raise RayforgeError(f"dataset '{dataset}' not found: need {spec.needs(split)}; searched {searched[0]} "
+                            f"only (no fallback from an explicit data root)")
+    return _downloaded(spec, dataset, split, searched)
+
+
+def _downloaded(spec: _FileDataset, dataset: str, split: str, searched: list[str]) -> Source:
+    """The split from torchvision's download into the cache (reused when present); `searched` names the places
+    already tried, for the error."""
     root = cache_dir() / "downloads"
     directory = root / spec.torchvision_dir
     # A previous download is reused; only when it is absent is the (slow, maybe offline) download tried.
@@ -102,14 +115,15 @@ def _locate(dataset: str, split: str, data_root: str | None) -> Source:
     return found
 
 
-def load_split(dataset: str, split: str, data_root: str | None = None) -> ImageArrays:
-    """One split of a file dataset as uint8 arrays: MNIST (N, 1, 28, 28), CIFAR-10 (N, 3, 32, 32)."""
+def load_split(dataset: str, split: str, data_root: str | None = None, fallback: bool = True) -> ImageArrays:
+    """One split of a file dataset as uint8 arrays: MNIST (N, 1, 28, 28), CIFAR-10 (N, 3, 32, 32). Without
+    `fallback`, only `data_root` is searched."""
     _check_name(dataset)
     if dataset not in FILE_DATASETS:
         raise RayforgeError(f"dataset '{dataset}' is generated, not loaded from files: use build_dataset")
     if split not in SPLITS:
         raise RayforgeError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
-    return cached_arrays(dataset, split, _locate(dataset, split, data_root))
+    return cached_arrays(dataset, split, _locate(dataset, split, data_root, fallback))
 
 
 @dataclass(frozen=True)
@@ -136,15 +150,16 @@ def draw_subset(n_available: int, n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n_available)[:n]).astype(np.int64)
 
 
-def build_dataset(cfg: DataConfig, seed: int) -> Dataset:
-    """The run's data: loaded (or generated), subset by `seed` when cfg.subset is set, MNIST padded to 32x32."""
+def build_dataset(cfg: DataConfig, seed: int, fallback: bool = True) -> Dataset:
+    """The run's data: loaded (or generated), subset by `seed` when cfg.subset is set, MNIST padded to 32x32.
+    Without `fallback`, files are searched for only under cfg.data_root."""
     _check_name(cfg.dataset)
     if cfg.dataset == "synthetic":
         train, test = make_synthetic(cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_shape, seed)
         channels = train.images.shape[1]
         mean, std = (0.5,) * channels, (0.25,) * channels
     else:
-        train, test = (load_split(cfg.dataset, split, cfg.data_root) for split in SPLITS)
+        train, test = (load_split(cfg.dataset, split, cfg.data_root, fallback) for split in SPLITS)
         mean, std = MEAN_STD[cfg.dataset]
     chosen = None
     if cfg.subset is not None:

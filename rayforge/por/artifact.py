@@ -91,12 +91,19 @@ def params_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def l2_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """‖a − b‖₂ over the tensors of `a` (b must hold the same names), accumulated in float64."""
+    """‖a − b‖₂ over the tensors of `a` (b must hold the same names), in float64 and in one fixed order: names
+    sorted, each tensor's squares summed by numpy (pairwise, single-threaded). The same tensors therefore give the
+    same bits whatever the dict order or thread count, so a PoR's ε is compared with the verifier's measurement
+    exactly, without slack."""
     sq = 0.0
-    for name, ta in a.items():
-        diff = ta.detach().to("cpu", torch.float64) - b[name].detach().to("cpu", torch.float64)
-        sq += float((diff * diff).sum())
+    for name in sorted(a):
+        diff = _float64(a[name]) - _float64(b[name])
+        sq += float(np.square(diff).sum())
     return math.sqrt(sq)
+
+
+def _float64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).contiguous().numpy().reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------- manifest
