@@ -33,6 +33,9 @@ class RayforgeGroup(click.Group):
 
 
 def _fail(message: str, code: int):
+    from rayforge.progress import close_bars
+
+    close_bars()
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
