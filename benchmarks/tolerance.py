@@ -24,6 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+from rayforge.io import atomic_write_json  # noqa: E402
 from rayforge.por import verify_por, write_deployed_model  # noqa: E402
 from rayforge.por.minimal import export_minimal_por  # noqa: E402
 from rayforge.por.probes import log_only_por, scale_lr  # noqa: E402
@@ -47,7 +48,7 @@ def measure(por_dir: Path, deployed: Path, threads: int | None) -> dict:
     start = time.perf_counter()
     r = verify_por(por_dir, model_path=deployed, threads=threads, warn=lambda message: None)
     rel = [s.relative for s in r.segments]
-    return {"threads": r.threads, "valid": r.valid, "reasons": r.reason_codes, "segments": len(r.segments),
+    return {"threads": r.threads, "valid": r.valid, "reasons": sorted(set(r.reason_codes)), "segments": len(r.segments),
             "worst_l2": r.max_distance, "worst_max_abs": max(s.max_abs for s in r.segments),
             "worst_rel": max(rel), "best_rel": min(rel), "epsilon_claimed": r.epsilon,
             "epsilon_measured": r.epsilon_measured, "verify_s": time.perf_counter() - start}
@@ -68,14 +69,26 @@ def main() -> None:
     write_deployed_model(run, deployed)
     threads = {"honest": args.threads, "eps0": args.threads[:1], "lr": args.threads[:1], "threads256": [None]}
     rows = [{"por": name, **measure(path, deployed, t)} for name, path in pors.items() for t in threads[name]]
-    print(f"{'por':<11}{'threads':>8}{'valid':>7}{'worst l2':>11}{'max|d|':>11}{'l2/update':>21}"
-          f"{'eps claimed':>13}{'measured':>11}{'verify s':>10}  reasons")
-    for r in rows:
-        print(f"{r['por']:<11}{r['threads']:>8}{str(r['valid']):>7}{r['worst_l2']:>11.3g}{r['worst_max_abs']:>11.3g}"
-              f"{r['best_rel']:>10.3g}..{r['worst_rel']:<9.3g}{r['epsilon_claimed']:>13.4g}"
-              f"{r['epsilon_measured']:>11.4g}{r['verify_s']:>10.1f}  {','.join(r['reasons'])}")
+    print(table(rows))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        atomic_write_json(args.json, rows)
+
+
+COLUMNS = [("por", "por", 11, ""), ("threads", "threads", 8, ""), ("valid", "valid", 7, ""),
+           ("worst l2", "worst_l2", 11, ".3g"), ("max|d|", "worst_max_abs", 11, ".3g"),
+           ("best l2/update", "best_rel", 16, ".3g"), ("worst l2/update", "worst_rel", 17, ".3g"),
+           ("eps claimed", "epsilon_claimed", 13, ".4g"), ("measured", "epsilon_measured", 11, ".4g"),
+           ("verify s", "verify_s", 10, ".1f")]  # (title, key, width, format)
+
+
+def table(rows: list[dict]) -> str:
+    def line(cells) -> str:
+        return "".join(f"{cell:>{width}}" for cell, (_, _, width, _) in zip(cells, COLUMNS))
+
+    out = [line([title for title, *_ in COLUMNS]) + "  reasons"]
+    out += [line([format(r[key], fmt) if fmt else str(r[key]) for _, key, _, fmt in COLUMNS]) + "  "
+            + ",".join(r["reasons"]) for r in rows]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -328,11 +328,13 @@ def check_files(por_dir: Path, checkpoints: list[int]) -> tuple[set[int], list[R
         name = entry.name
         if name in (MANIFEST, STEPS_FILE):
             continue  # read (and checked to be regular files) separately
-        if name in expected:
-            (not_regular.append(name) if entry.is_symlink() or not entry.is_file() else present.add(expected[name]))
-            continue
-        looks = "ckpt" in name.lower() or CKPT_RE.match(name) is not None
-        unexpected.append(f"{name!r}{' (looks like a checkpoint; not loaded)' if looks else ''}")
+        if name in expected and (entry.is_symlink() or not entry.is_file()):
+            not_regular.append(name)
+        elif name in expected:
+            present.add(expected[name])
+        else:
+            looks = "ckpt" in name.lower() or CKPT_RE.match(name) is not None
+            unexpected.append(f"{name!r}{' (looks like a checkpoint; not loaded)' if looks else ''}")
     reasons = []
     if unexpected:
         reasons.append(Reason("unexpected_file", f"files that are not part of a PoR: {_listed(unexpected)}"))
@@ -717,45 +719,63 @@ def _load_dataset(m: Manifest, data_root: Path | None) -> Dataset:
     return build_dataset(data_cfg, m.seed, fallback=data_root is None)
 
 
-def _verify(req: Request, warn: Callable[[str], None]) -> VerifyReport:
-    timing, t0 = {}, time.perf_counter()
-    m = read_manifest(req.por_dir)
-    log = _read_log(req.por_dir)
-    threads, warning = replay_threads(m.training.threads, req.threads)
-    if warning:
-        warn(warning)
-    set_determinism(threads)
-    ds = _load_dataset(m, req.data_root)
-    timing["dataset_s"] = time.perf_counter() - t0
+@dataclass
+class Findings:
+    """What the checks before the replay found."""
 
-    t1 = time.perf_counter()
+    reasons: list[Reason]
+    notes: list[str]
+    dataset_ok: bool
+    bad_index_steps: set[int]
+    ckpts: Checkpoints
+
+
+def check_before_replay(req: Request, m: Manifest, log: Steps, ds: Dataset, template: nn.Module) -> Findings:
+    """Files, dataset, log, exclusion and checkpoints: every check that replays nothing."""
     flat = FlatLog.of(log)
-    template = _fresh_model(m, torch.device("cpu"))
     present, reasons = check_files(req.por_dir, m.checkpoints)
     dataset_ok, found = check_dataset(m, ds)
     bad_index_steps, found_log = check_log(m, log, flat)
     notes, found_exclusion = check_exclusion(m, flat, ds.train)
     ckpts, found_ckpts = check_checkpoints(req.por_dir, m, present, template)
-    reasons += found + found_log + found_exclusion + found_ckpts
-    timing["checks_s"] = time.perf_counter() - t1
+    return Findings(reasons + found + found_log + found_exclusion + found_ckpts, notes, dataset_ok, bad_index_steps,
+                    ckpts)
 
-    t1 = time.perf_counter()
-    segments = [SegmentCheck(a, b, ckpts.update_norm.get((a, b))) for a, b in zip(m.checkpoints, m.checkpoints[1:])]
+
+def replay_selected(req: Request, m: Manifest, log: Steps, ds: Dataset, found: Findings) -> tuple[
+        list[SegmentCheck], list[SegmentCheck], list[Reason]]:
+    """(all segments, the selected ones, replay reasons)."""
+    segments = [SegmentCheck(a, b, found.ckpts.update_norm.get((a, b)))
+                for a, b in zip(m.checkpoints, m.checkpoints[1:])]
     selected = select_segments(segments, req.kind, req.count, m.steps_per_epoch, req.seed)
     replayer = Replayer(req.por_dir, log, TensorData(ds.train, ds.mean, ds.std, req.device),
                         _fresh_model(m, req.device), SGDHyper(m.training.momentum, m.training.weight_decay)) \
-        if dataset_ok else None
-    reasons += check_replay(req, m, selected, replayer, ckpts, len(log), bad_index_steps)
-    timing["replay_s"] = time.perf_counter() - t1
+        if found.dataset_ok else None
+    return segments, selected, check_replay(req, m, selected, replayer, found.ckpts, len(log), found.bad_index_steps)
 
-    measured, found = check_claims(m, template, ckpts.final, req.deployed, req.model_path)
-    reasons += found
+
+def _verify(req: Request, warn: Callable[[str], None]) -> VerifyReport:
+    t0 = time.perf_counter()
+    m, log = read_manifest(req.por_dir), _read_log(req.por_dir)
+    threads, warning = replay_threads(m.training.threads, req.threads)
+    if warning:
+        warn(warning)
+    set_determinism(threads)
+    ds = _load_dataset(m, req.data_root)
+    template = _fresh_model(m, torch.device("cpu"))
+    timing = {"dataset_s": time.perf_counter() - t0}
+    found = check_before_replay(req, m, log, ds, template)
+    timing["checks_s"] = time.perf_counter() - t0 - timing["dataset_s"]
+    segments, selected, replay_reasons = replay_selected(req, m, log, ds, found)
+    timing["replay_s"] = time.perf_counter() - t0 - timing["dataset_s"] - timing["checks_s"]
+    measured, claim_reasons = check_claims(m, template, found.ckpts.final, req.deployed, req.model_path)
+    reasons = found.reasons + replay_reasons + claim_reasons
     if req.kind != "all":
-        notes.append(f"replayed {len(selected)} of {len(segments)} segments ({req.kind}:{req.count})")
+        found.notes.append(f"replayed {len(selected)} of {len(segments)} segments ({req.kind}:{req.count})")
     dim = sum(p.numel() for p in template.parameters())
     timing["total_s"] = time.perf_counter() - t0
     return VerifyReport(
-        por_dir=str(req.por_dir), valid=not reasons, reasons=reasons, notes=notes,
+        por_dir=str(req.por_dir), valid=not reasons, reasons=reasons, notes=found.notes,
         unchecked=[] if req.deployed is not None else list(UNCHECKED_WITHOUT_MODEL), point=m.point,
         excluded=[int(i) for i in m.excluded], selection="all" if req.kind == "all" else f"{req.kind}:{req.count}",
         seed=req.seed if req.kind == "random" else None, tol=req.tol, tol_rel=req.tol_rel,
