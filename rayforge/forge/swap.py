@@ -73,6 +73,13 @@ def greedy_picks(pool_grads: torch.Tensor, pool_points: np.ndarray, residual: to
     return picks
 
 
+def both_orientations(points: np.ndarray, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, flip flags) of a pool: each point once, or, when training used flips, plain then mirrored."""
+    if not flip:
+        return points, np.zeros(len(points), bool)
+    return np.concatenate([points, points]), np.concatenate([np.zeros(len(points), bool), np.ones(len(points), bool)])
+
+
 def draw_pool(ctx, step: int) -> np.ndarray:
     """The step's pool of candidate substitutes, shared by all parts (seeded by (seed, step))."""
     rng = np.random.default_rng([ctx.seed, POOL_STREAM, step])

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from rayforge.errors import RayforgeError
-from rayforge.forge.swap import greedy_picks, per_sample
+from rayforge.forge.swap import both_orientations, greedy_picks, per_sample
 from rayforge.forge.twins import Twins
 from rayforge.por.export import write_por
 from rayforge.train.log import Steps
 from rayforge.io import check_fresh_dir
-from rayforge.train.run import TrainingRun, hyper_of, set_determinism
-from rayforge.train.sgd import loss_and_grads, sgd_update
+from rayforge.train.replay import walk_trajectory
+from rayforge.train.run import TrainingRun, set_determinism
 
 POOL_STREAM = 0x3141
 DEFAULT_POOL = 256
@@ -42,29 +42,24 @@ def minimal_forged_log(run: TrainingRun, point: int, pool_size: int = DEFAULT_PO
     excluded[point] = True
     allowed = Twins(dataset.train, run.cfg.data.flip).allowed(np.flatnonzero(~excluded), excluded)
     start = max(c for c in run.checkpoints if c <= appearances[0])
-    model, velocity = run.model_at(start, device)
-    hook_model = copy.deepcopy(model)
-    hyper, cache = hyper_of(run.cfg), {}
+    hook_model, cache = None, {}
     batches, flips = list(run.steps.batch), list(run.steps.flip)
-    for t in range(start, appearances[-1] + 1):
-        x, y = data.batch(run.steps.batch[t], run.steps.flip[t])
-        _, g = loss_and_grads(model, x, y)
-        if t in appearances:
-            batch, flip = np.asarray(batches[t], dtype=np.int64), np.asarray(flips[t], dtype=bool)
-            rng = np.random.default_rng([run.cfg.seed, POOL_STREAM, point, t])
-            pool = allowed[~np.isin(allowed, batch)]
-            pool = np.sort(rng.choice(pool, size=min(pool_size, len(pool)), replace=False))
-            pool_idx = np.concatenate([pool, pool]) if run.cfg.data.flip else pool
-            pool_flips = np.concatenate([np.zeros(len(pool), bool), np.ones(len(pool), bool)]) \
-                if run.cfg.data.flip else np.zeros(len(pool), bool)
-            slot = int(np.flatnonzero(batch == point)[0])
-            xs, ys = data.batch(np.concatenate([[point], pool_idx]), np.concatenate([[flip[slot]], pool_flips]))
-            grads = per_sample(hook_model, dict(model.named_parameters()), xs, ys, cache)
-            [pick] = greedy_picks(grads[1:], pool_idx, grads[0], 1)
-            batch, flip = batch.copy(), flip.copy()
-            batch[slot], flip[slot] = pool_idx[pick], pool_flips[pick]
-            batches[t], flips[t] = batch, flip
-        sgd_update(model, g, velocity, float(run.steps.lr[t]), hyper)  # the original trajectory: θ_t of the log
+    for t, model, _ in walk_trajectory(run, data, start, appearances[-1] + 1, device):
+        hook_model = hook_model or copy.deepcopy(model)  # per-sample gradients hook a copy (params passed in)
+        if t not in appearances:
+            continue
+        batch, flip = np.asarray(batches[t], dtype=np.int64), np.asarray(flips[t], dtype=bool)
+        rng = np.random.default_rng([run.cfg.seed, POOL_STREAM, point, t])
+        pool = allowed[~np.isin(allowed, batch)]
+        pool = np.sort(rng.choice(pool, size=min(pool_size, len(pool)), replace=False))
+        pool_idx, pool_flips = both_orientations(pool, run.cfg.data.flip)
+        slot = int(np.flatnonzero(batch == point)[0])
+        xs, ys = data.batch(np.concatenate([[point], pool_idx]), np.concatenate([[flip[slot]], pool_flips]))
+        grads = per_sample(hook_model, dict(model.named_parameters()), xs, ys, cache)
+        [pick] = greedy_picks(grads[1:], pool_idx, grads[0], 1)
+        batch, flip = batch.copy(), flip.copy()
+        batch[slot], flip[slot] = pool_idx[pick], pool_flips[pick]
+        batches[t], flips[t] = batch, flip
     return Steps(batches, flips, run.steps.lr), appearances[0]
 
 
