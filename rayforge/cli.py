@@ -225,28 +225,90 @@ def report(run_dir, strategy, overrides):
     click.echo(f"report -> {run_dir}/report: {summary}; d_theta median {metrics['d_theta']['median']:.3g}")
 
 
+KIND_OPTIONS = {  # the options each kind of PoR takes (besides RUN and --out)
+    "exclude": {"point", "strategy", "mode"},
+    "include": {"include_image", "include_test", "label", "iterations", "rate", "pick"},
+    "public": {"public_dir", "strategy", "mu", "pool"},
+}
+OPTION_NAMES = {"point": "--point", "strategy": "--strategy", "mode": "--mode", "include_image": "--include",
+                "include_test": "--include-test", "label": "--label", "iterations": "--iterations", "rate": "--rate",
+                "pick": "--pick", "public_dir": "--public", "mu": "--mu", "pool": "--pool"}
+
+
+def por_kind(given: dict) -> str:
+    """The kind of PoR the options ask for: exactly one of --point, --include/--include-test, --public, and only
+    options that kind takes."""
+    kinds = {kind for kind, key in (("exclude", "point"), ("include", "include_image"), ("include", "include_test"),
+                                    ("public", "public_dir")) if given.get(key) is not None}
+    if len(kinds) != 1 or (given.get("include_image") is not None and given.get("include_test") is not None):
+        raise click.UsageError("give exactly one of --point I (exclude), --include IMAGE or --include-test I "
+                               "(include), --public DIR (public)")
+    kind = kinds.pop()
+    stray = [OPTION_NAMES[k] for k, v in given.items() if v is not None and k not in KIND_OPTIONS[kind]]
+    if stray:
+        raise click.UsageError(f"{', '.join(stray)} do(es) not apply to a {kind} PoR")
+    return kind
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--point", type=NON_NEGATIVE, required=True, help="Index of the challenged training point.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="PoR directory to create.")
-@click.option("--strategy", default=None, help="Phase-1 output to build from (default: the config's).")
-@click.option("--mode", type=click.Choice(["group", "minimal"]), default="group",
-              help="group: the point's group's forged log (phase 1 output); minimal: swap out only this point.")
-def por(run_dir, point, out_dir, strategy, mode):
-    """Build the Proof of Repudiation of training point --point (forged log, checkpoints, por.json)."""
+@click.option("--point", type=NON_NEGATIVE, default=None,
+              help="Exclude PoR (the claim 'x* was in D'): index of the challenged training point.")
+@click.option("--strategy", default=None,
+              help="exclude: phase-1 output to build from (default: the config's); public: paper, swap or hybrid "
+                   "(default hybrid).")
+@click.option("--mode", type=click.Choice(["group", "minimal"]), default=None,
+              help="exclude: group (default; the point's group's forged log, phase 1 output) or minimal (swap out "
+                   "only this point).")
+@click.option("--include", "include_image", type=click.Path(dir_okay=False), default=None,
+              help="Include PoR (the claim 'x* was left out of D'): x* as an image file (PNG/JPEG), with --label.")
+@click.option("--include-test", type=NON_NEGATIVE, default=None,
+              help="Include PoR: x* is this point of the run's test split.")
+@click.option("--label", type=NON_NEGATIVE, default=None, help="include: x*'s class.")
+@click.option("--iterations", type=POSITIVE, default=None,
+              help="include: |H|, the iterations whose batch admits x* (default: one per epoch).")
+@click.option("--rate", type=FiniteFloat(min=0.0, max=1.0, min_open=True), default=None,
+              help="include: |H| = rate x the log's steps instead.")
+@click.option("--pick", type=click.Choice(["best", "random"]), default=None,
+              help="include: best (default; per window of the log, the iteration x* enters with the smallest "
+                   "gradient residual) or random (the paper's H).")
+@click.option("--public", "public_dir", type=click.Path(file_okay=False), default=None,
+              help="Public-data PoR: every batch forged from the public dataset D_p in DIR/train/<class>/*.")
+@click.option("--mu", type=POSITIVE, default=None, help="public: candidate batches per step (default: forge.mu).")
+@click.option("--pool", type=POSITIVE, default=None,
+              help="public: D_p points per step for swap matching (default: forge.pool_size).")
+def por(run_dir, out_dir, **given):
+    """Build a Proof of Repudiation from RUN's log (forged log, checkpoints, por.json): --point (exclude),
+    --include/--include-test (include) or --public (public data)."""
     from rayforge.train.run import TrainingRun
 
+    kind = por_kind(given)
     run = TrainingRun.open(run_dir)
-    if mode == "minimal":
+    if kind == "include":
+        from rayforge.por.include import export_include_por
+
+        manifest, _ = export_include_por(run, out_dir, image=given["include_image"], label=given["label"],
+                                         test_index=given["include_test"], iterations=given["iterations"],
+                                         rate=given["rate"], pick=given["pick"] or "best")
+        inc = manifest["include"]
+        what = f"include PoR of x* (index {inc['index']}, label {inc['label']}) in {len(inc['steps'])} iterations"
+    elif kind == "public":
+        from rayforge.por.public import export_public_por
+
+        manifest = export_public_por(run, given["public_dir"], out_dir, strategy=given["strategy"] or "hybrid",
+                                     mu=given["mu"], pool_size=given["pool"])
+        what = f"public-data PoR ({manifest['public']['n']} public points)"
+    elif given["mode"] == "minimal":
         from rayforge.por.minimal import export_minimal_por
 
-        manifest = export_minimal_por(run, point, out_dir)
+        manifest, what = export_minimal_por(run, given["point"], out_dir), f"PoR of point {given['point']}"
     else:
         from rayforge.por import export_por
 
-        manifest = export_por(run, strategy or run.cfg.forge.strategy, point, out_dir)
-    click.echo(f"PoR of point {point} -> {out_dir}: epsilon={manifest['epsilon']:.4g} "
-               f"d_theta={manifest['d_theta']:.3g}")
+        manifest = export_por(run, given["strategy"] or run.cfg.forge.strategy, given["point"], out_dir)
+        what = f"PoR of point {given['point']}"
+    click.echo(f"{what} -> {out_dir}: epsilon={manifest['epsilon']:.4g} d_theta={manifest['d_theta']:.3g}")
 
 
 @main.command()

@@ -1,6 +1,6 @@
 """Datasets as uint8 arrays: MNIST and CIFAR-10 from local files (decoded once, then cached), or synthetic ones."""
 
-from rayforge.data.arrays import ImageArrays, arrays_sha256, point_sha256
+from rayforge.data.arrays import ImageArrays, arrays_sha256, point_sha256, same_content
 from rayforge.data.cache import cache_dir
 from rayforge.data.dataset import (
     KNOWN_DATASETS,
@@ -26,5 +26,6 @@ __all__ = [
     "draw_subset",
     "load_split",
     "point_sha256",
+    "same_content",
     "to_float",
 ]

@@ -45,3 +45,14 @@ def point_sha256(a: ImageArrays, i: int) -> str:
     h.update(memoryview(np.ascontiguousarray(a.images[i], dtype=np.uint8)).cast("B"))
     h.update(int(a.labels[i]).to_bytes(8, "little", signed=True))
     return h.hexdigest()
+
+
+def same_content(a: ImageArrays, image: np.ndarray, label: int, mirrored: bool = False) -> np.ndarray:
+    """bool (N,): the points of `a` that hold this image and label (equal point_sha256), and with `mirrored` also
+    those holding its mirror image (a training flip turns one into the other)."""
+    images = a.images.reshape(len(a), -1)
+    same_label = a.labels == label
+    hits = same_label & (images == image.reshape(-1)).all(axis=1)
+    if mirrored:
+        hits |= same_label & (images == image[..., ::-1].reshape(-1)).all(axis=1)
+    return hits

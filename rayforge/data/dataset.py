@@ -143,6 +143,12 @@ def _pad_to_32(a: ImageArrays) -> ImageArrays:
     return ImageArrays(np.pad(a.images, ((0, 0), (0, 0), (2, 2), (2, 2))), a.labels)
 
 
+def as_trained(dataset: str, a: ImageArrays) -> ImageArrays:
+    """Images of `dataset` as its file format holds them, made into what its models take (MNIST padded to 32x32,
+    as `build_dataset` does; other datasets unchanged)."""
+    return _pad_to_32(a) if dataset == "mnist" else a
+
+
 def draw_subset(n_available: int, n: int, seed: int) -> np.ndarray:
     """n distinct indices drawn by `seed` (first n of a permutation), sorted so the subset reads as a set."""
     if n > n_available:
@@ -165,8 +171,7 @@ def build_dataset(cfg: DataConfig, seed: int, fallback: bool = True) -> Dataset:
     if cfg.subset is not None:
         chosen = draw_subset(len(train), cfg.subset, seed)
         train = train.take(chosen)
-    if cfg.dataset == "mnist":
-        train, test = _pad_to_32(train), _pad_to_32(test)
+    train, test = as_trained(cfg.dataset, train), as_trained(cfg.dataset, test)
     return Dataset(cfg.dataset, train, test, chosen, mean, std)
 
 

@@ -6,8 +6,17 @@ A PoR directory holds exactly:
     steps.parquet                         the forged log: step int64, batch list<int32>, flip list<bool>, lr float64
     ckpt-<8-digit step>.safetensors       the forged trajectory's state *before* that step, at every step listed in
                                           por.json "checkpoints": param/*, buffer/*, velocity/* (with momentum)
+    xstar.safetensors                     kind "include" only: x*'s pixels ("image", uint8 (C, H, W)) and label
+                                          ("label", int64 (1,)), so a verifier can rebuild D' = D ∪ {x*}
 
-Nothing else. PoRs travel to parties who must treat them as hostile, so the reader here parses JSON with duplicate
+Nothing else. A PoR answers one of three claims, named by por.json "kind":
+
+    exclude   "x* was in D": the log trains on D' = D \\ X̂ (X̂: x*'s group, holding x*). The manifest names D
+              (dataset), the point and the group. PoRs written before kinds existed have no "kind" and are this.
+    include   "x* was left out of D": the log trains on D' = D ∪ {x*}, x* being index n (after D's n points) in the
+              claimed iterations "include.steps" and nowhere else. The manifest names D and x*'s hash and label.
+    public    "the model needs D": the log trains on a public dataset D_p alone. The manifest names D_p (size,
+              hash, the normalisation training used) and never D: no config, hash, size or index of it. PoRs travel to parties who must treat them as hostile, so the reader here parses JSON with duplicate
 keys, NaN and Infinity refused, checks the exact key set and the type and range of every value, and never takes a
 path from the artifact.
 
@@ -46,8 +55,17 @@ MAX_CHANNELS = 64
 MAX_THREADS = 256
 MAX_SEED = (1 << 63) - 1
 
-TOP_KEYS = {"format", "point", "point_sha256", "excluded", "deployed_sha256", "dataset", "training", "checkpoints",
-            "epsilon", "d_theta"}
+KINDS = ("exclude", "include", "public")
+XSTAR_FILE = "xstar.safetensors"
+COMMON_KEYS = {"format", "deployed_sha256", "training", "checkpoints", "epsilon", "d_theta"}
+KIND_KEYS = {
+    "exclude": {"point", "point_sha256", "excluded", "dataset"},  # and "kind", except in PoRs written before kinds
+    "include": {"kind", "dataset", "include"},
+    "public": {"kind", "seed", "public"},
+}
+INCLUDE_KEYS = {"index", "sha256", "label", "steps"}
+PUBLIC_KEYS = {"n", "sha256", "mean", "std", "steps"}
+MAX_LABEL = 1_000_000
 DATASET_KEYS = {"config", "seed", "n", "train_sha256"}
 TRAINING_KEYS = {"model", "in_shape", "batch_size", "momentum", "weight_decay", "lr", "lr_schedule", "epochs",
                  "threads", "flip"}
@@ -125,28 +143,72 @@ class TrainingSpec:
 
 
 @dataclass(frozen=True)
-class Manifest:
-    point: int
-    point_sha256: str
-    excluded: np.ndarray  # int64, sorted, unique, holds `point`
-    deployed_sha256: str
-    data: DataConfig
-    seed: int
+class Inclusion:
+    """Kind include: x*, the point D' = D ∪ {x*} adds, and the iterations H whose batch holds it."""
+
+    index: int  # always n: x* follows D's points
+    sha256: str  # point_sha256 of x* (image bytes, then label)
+    label: int
+    steps: np.ndarray  # int64, sorted, unique: H
+
+
+@dataclass(frozen=True)
+class PublicData:
+    """Kind public: the public dataset D_p every batch comes from, and the normalisation training used."""
+
     n: int
-    train_sha256: str
+    sha256: str  # arrays_sha256 of D_p
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    steps: int  # τ, a multiple of the declared epochs; every batch holds batch_size points of D_p
+
+
+@dataclass(frozen=True)
+class Manifest:
+    kind: str  # exclude | include | public
+    deployed_sha256: str
+    seed: int
     training: TrainingSpec
     checkpoints: list[int]
     epsilon: float
     d_theta: float
+    # D, the owner's training set (kinds exclude and include; None for public)
+    data: DataConfig | None = None
+    n: int | None = None
+    train_sha256: str | None = None
+    # kind exclude
+    point: int | None = None
+    point_sha256: str | None = None
+    excluded: np.ndarray | None = None  # int64, sorted, unique, holds `point`
+    include: Inclusion | None = None
+    public: PublicData | None = None
+
+    @property
+    def index_limit(self) -> int:
+        """Indices in the log lie in [0, index_limit): D's n points, then x* (include), or D_p's points (public)."""
+        if self.public is not None:
+            return self.public.n
+        return self.n + (self.include is not None)
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.public is not None:
+            return self.public.steps // self.training.epochs
         return -(-self.n // self.training.batch_size)
 
     @property
     def total_steps(self) -> int:
-        """τ as the declared training implies it: epochs x ceil(n / batch_size)."""
+        """τ as the declared training implies it: epochs x ceil(n / batch_size) on D (the log's schedule for kinds
+        exclude and include), or the declared steps of a public PoR."""
         return self.training.epochs * self.steps_per_epoch
+
+    def batch_sizes(self, steps: int) -> np.ndarray:
+        """The size every batch must have: min(batch_size, what is left of the epoch) on D's schedule; a public
+        PoR's batches are all full (D_p is sampled, not partitioned)."""
+        b = self.training.batch_size
+        if self.public is not None:
+            return np.full(steps, b, dtype=np.int64)
+        return np.minimum(b, self.n - (np.arange(steps) % self.steps_per_epoch) * b)
 
 
 def _bad(where: str, what: str) -> MalformedArtifact:
@@ -276,39 +338,89 @@ def _strict_json(data: bytes) -> Any:
         raise MalformedArtifact(f"{MANIFEST}: not valid JSON ({type(exc).__name__})") from None
 
 
-def parse_manifest(obj: Any) -> Manifest:
-    """Check a decoded por.json strictly: exact key sets, types, ranges and internal consistency."""
-    top = _keys(obj, TOP_KEYS, "<top>")
-    if top["format"] != POR_FORMAT:
-        raise _bad("format", f"must be \"{POR_FORMAT}\", got {top['format']!r}"[:300])
-    ds = _keys(top["dataset"], DATASET_KEYS, "dataset")
+def _kind(obj: Any) -> str:
+    if not isinstance(obj, dict):
+        raise _bad("<top>", f"must be an object, got {type(obj).__name__}")
+    return _str(obj.get("kind", "exclude"), "kind", set(KINDS))
+
+
+def _dataset(raw: Any, training: TrainingSpec) -> dict:
+    """The `dataset` block (D): its data config, seed, size and hash."""
+    ds = _keys(raw, DATASET_KEYS, "dataset")
     seed = _int(ds["seed"], 0, MAX_SEED, "dataset.seed")
     n = _int(ds["n"], 1, MAX_POINTS, "dataset.n")
     data = _data_config(ds["config"], seed)
-    training = _training(top["training"])
     if training.flip != data.flip:
         raise _bad("training.flip", "disagrees with dataset.config.flip")
+    if training.epochs * -(-n // training.batch_size) > MAX_STEPS:
+        raise _bad("training.epochs", f"implies more than {MAX_STEPS} steps")
+    return {"data": data, "seed": seed, "n": n, "train_sha256": _hex64(ds["train_sha256"], "dataset.train_sha256")}
+
+
+def _exclusion(top: dict, n: int) -> dict:
     point = _int(top["point"], 0, n - 1, "point")
     excluded = _int_list(top["excluded"], "excluded", 0, n - 1, 1, n - 1)
     if point not in excluded:
         raise _bad("excluded", "must hold the point")
-    steps_per_epoch = -(-n // training.batch_size)
-    if training.epochs * steps_per_epoch > MAX_STEPS:
-        raise _bad("training.epochs", f"implies more than {MAX_STEPS} steps")
+    return {"point": point, "point_sha256": _hex64(top["point_sha256"], "point_sha256"),
+            "excluded": np.asarray(excluded, dtype=np.int64)}
+
+
+def _inclusion(raw: Any, n: int, total_steps: int) -> Inclusion:
+    inc = _keys(raw, INCLUDE_KEYS, "include")
+    index = _int(inc["index"], n, n, "include.index")  # x* is index n of D' = D ∪ {x*}
+    steps = _int_list(inc["steps"], "include.steps", 0, total_steps - 1, 1, total_steps)
+    return Inclusion(index=index, sha256=_hex64(inc["sha256"], "include.sha256"),
+                     label=_int(inc["label"], 0, MAX_LABEL, "include.label"), steps=np.asarray(steps, np.int64))
+
+
+def _float_list(v: Any, where: str, length: int, lo: float, lo_open: bool) -> tuple[float, ...]:
+    if type(v) is not list or len(v) != length:
+        raise _bad(where, f"must be a list of {length} numbers (one per input channel)")
+    return tuple(_float(x, f"{where}[{i}]", lo, lo_open=lo_open) for i, x in enumerate(v))
+
+
+def _public(raw: Any, training: TrainingSpec) -> PublicData:
+    pub = _keys(raw, PUBLIC_KEYS, "public")
+    n = _int(pub["n"], training.batch_size, MAX_POINTS, "public.n")  # at least one batch
+    steps = _int(pub["steps"], training.epochs, MAX_STEPS, "public.steps")
+    if steps % training.epochs:
+        raise _bad("public.steps", f"must be a multiple of training.epochs ({training.epochs})")
+    channels = training.in_shape[0]
+    return PublicData(n=n, sha256=_hex64(pub["sha256"], "public.sha256"),
+                      mean=_float_list(pub["mean"], "public.mean", channels, -math.inf, False),
+                      std=_float_list(pub["std"], "public.std", channels, 0.0, True), steps=steps)
+
+
+def parse_manifest(obj: Any) -> Manifest:
+    """Check a decoded por.json strictly: exact key sets (per kind), types, ranges and internal consistency."""
+    kind = _kind(obj)
+    top = _keys(obj, COMMON_KEYS | KIND_KEYS[kind] | ({"kind"} if "kind" in obj else set()), "<top>")
+    if top["format"] != POR_FORMAT:
+        raise _bad("format", f"must be \"{POR_FORMAT}\", got {top['format']!r}"[:300])
+    training = _training(top["training"])
+    fields: dict[str, Any] = {}
+    if kind == "public":
+        fields["public"] = _public(top["public"], training)
+        fields["seed"] = _int(top["seed"], 0, MAX_SEED, "seed")
+    else:
+        fields.update(_dataset(top["dataset"], training))
+    if kind == "exclude":
+        fields.update(_exclusion(top, fields["n"]))
+    if kind == "include":
+        fields["include"] = _inclusion(top["include"], fields["n"],
+                                       training.epochs * -(-fields["n"] // training.batch_size))
     checkpoints = _int_list(top["checkpoints"], "checkpoints", 0, MAX_STEPS, 2, MAX_STEPS)
     if checkpoints[0] != 0:
         raise _bad("checkpoints", "must start at step 0")
     return Manifest(
-        point=point,
-        point_sha256=_hex64(top["point_sha256"], "point_sha256"),
-        excluded=np.asarray(excluded, dtype=np.int64),
+        kind=kind,
         deployed_sha256=_hex64(top["deployed_sha256"], "deployed_sha256"),
-        data=data, seed=seed, n=n,
-        train_sha256=_hex64(ds["train_sha256"], "dataset.train_sha256"),
         training=training,
         checkpoints=checkpoints,
         epsilon=_float(top["epsilon"], "epsilon", 0.0),
         d_theta=_float(top["d_theta"], "d_theta", 0.0),
+        **fields,
     )
 
 

@@ -82,27 +82,22 @@ def _export_por(run: TrainingRun, strategy: str, point, out_dir: Path, device: t
                                 f"phase-1 output of strategy '{strategy}' is inconsistent")
 
     first = glog.first_step if glog.forged else run.total_steps
-    return write_por(run, point, members, forged, first, out_dir, device)
+    ds = run.load_dataset()
+    device = device or run.device()
+    return write_por(run, forged, first, out_dir, exclude_claim(run, ds, point, members), run.tensor_data(ds, device),
+                     device)
 
 
-def por_manifest(run: TrainingRun, ds, point: int, members, final: dict[str, torch.Tensor],
-                 theta_star: dict[str, torch.Tensor]) -> dict:
-    """por.json of the PoR of `point` (excluding `members`) whose final parameters are `final`, about the deployed
-    `theta_star`."""
+def base_manifest(run: TrainingRun, final: dict[str, torch.Tensor], theta_star: dict[str, torch.Tensor]) -> dict:
+    """The keys every kind of por.json has: the training, the checkpoints, and the claims ε, d_θ about the deployed
+    `theta_star` for the forged model `final`."""
     epsilon = l2_distance(final, theta_star)
     if not math.isfinite(epsilon):
-        raise RayforgeError(f"the forged model of point {point} has non-finite parameters")
-    data_cfg = run.cfg.to_dict()["data"]
-    data_cfg["data_root"] = None  # a path on the owner's machine means nothing to a verifier
+        raise RayforgeError("the forged model has non-finite parameters")
     t = run.cfg.train
     return {
         "format": POR_FORMAT,
-        "point": point,
-        "point_sha256": point_sha256(ds.train, point),
-        "excluded": [int(m) for m in members],
         "deployed_sha256": model_sha256(theta_star),
-        "dataset": {"config": data_cfg, "seed": int(run.cfg.seed), "n": int(run.info["n"]),
-                    "train_sha256": run.info["train_sha256"]},
         "training": {"model": run.cfg.model.name, "in_shape": [int(d) for d in run.info["shape"]],
                      "batch_size": t.batch_size, "momentum": float(t.momentum),
                      "weight_decay": float(t.weight_decay), "lr": float(t.lr), "lr_schedule": t.lr_schedule,
@@ -113,14 +108,37 @@ def por_manifest(run: TrainingRun, ds, point: int, members, final: dict[str, tor
     }
 
 
-def write_por(run: TrainingRun, point: int, members: np.ndarray, forged, first: int, out_dir: Path,
-              device: torch.device | None = None, data=None) -> dict:
-    """Replay the forged log `forged` (a Steps equal to the original before step `first`) from the last checkpoint
-    before `first`, and write the PoR of `point` (excluding `members`) into `out_dir`; return por.json."""
+def dataset_block(run: TrainingRun) -> dict:
+    """por.json "dataset": how a verifier rebuilds D (its data config without the owner's paths), its size and
+    hash."""
+    data_cfg = run.cfg.to_dict()["data"]
+    data_cfg["data_root"] = None  # a path on the owner's machine means nothing to a verifier
+    return {"config": data_cfg, "seed": int(run.cfg.seed), "n": int(run.info["n"]),
+            "train_sha256": run.info["train_sha256"]}
+
+
+def exclude_claim(run: TrainingRun, ds, point: int, members) -> dict:
+    """The kind-specific keys of an exclude PoR: the point, its content hash, its group, and D."""
+    return {"kind": "exclude", "point": point, "point_sha256": point_sha256(ds.train, point),
+            "excluded": [int(m) for m in members], "dataset": dataset_block(run)}
+
+
+def por_manifest(run: TrainingRun, ds, point: int, members, final: dict[str, torch.Tensor],
+                 theta_star: dict[str, torch.Tensor]) -> dict:
+    """por.json of the exclude PoR of `point` (excluding `members`) whose final parameters are `final`, about the
+    deployed `theta_star`."""
+    return {**base_manifest(run, final, theta_star), **exclude_claim(run, ds, point, members)}
+
+
+def write_por(run: TrainingRun, forged, first: int, out_dir: Path, claim: dict, data=None,
+              device: torch.device | None = None, files: dict[str, dict[str, torch.Tensor]] | None = None) -> dict:
+    """Replay the forged log `forged` (a Steps equal to the original before step `first`) on `data` (default: D's
+    training tensors) from the last checkpoint before `first`, and write the PoR into `out_dir`: its checkpoints,
+    the log, por.json (`base_manifest` plus the kind-specific `claim`) and `files` (name -> tensors, safetensors).
+    Returns por.json."""
     set_determinism(run.cfg.train.threads)
     device = device or run.device()
-    ds = run.load_dataset()
-    data = data or run.tensor_data(ds, device)
+    data = data or run.tensor_data(run.load_dataset(), device)
     hyper = hyper_of(run.cfg)
     momentum = bool(run.cfg.train.momentum)
     start = max(c for c in run.checkpoints if c <= first)
@@ -141,7 +159,9 @@ def write_por(run: TrainingRun, point: int, members: np.ndarray, forged, first: 
             save_checkpoint(tmp_dir / ckpt_name(b), model, velocity if momentum else None, b)
         final = {k: v.detach().to("cpu") for k, v in model.named_parameters()}
         write_parquet(tmp_dir / STEPS_FILE, steps_table(forged.batch, forged.flip, forged.lr))
-        manifest = por_manifest(run, ds, point, members, final, theta_star)
+        for name, tensors in (files or {}).items():
+            save_tensors(tmp_dir / name, tensors)
+        manifest = {**base_manifest(run, final, theta_star), **claim}
         atomic_write_json(tmp_dir / MANIFEST, manifest)
         read_manifest(tmp_dir)  # what we write must pass the verifier's own schema check
     return manifest

@@ -18,7 +18,7 @@ import torch
 from rayforge.errors import RayforgeError
 from rayforge.forge.swap import both_orientations, greedy_picks, per_sample
 from rayforge.forge.twins import Twins
-from rayforge.por.export import write_por
+from rayforge.por.export import exclude_claim, write_por
 from rayforge.train.log import Steps
 from rayforge.io import check_fresh_dir
 from rayforge.train.replay import walk_trajectory
@@ -45,7 +45,8 @@ def minimal_forged_log(run: TrainingRun, point: int, pool_size: int = DEFAULT_PO
     hook_model, cache = None, {}
     batches, flips = list(run.steps.batch), list(run.steps.flip)
     for t, model, _ in walk_trajectory(run, data, start, appearances[-1] + 1, device):
-        hook_model = hook_model or copy.deepcopy(model)  # per-sample gradients hook a copy (params passed in)
+        if hook_model is None:  # per-sample gradients hook a copy (parameters are passed in)
+            hook_model = copy.deepcopy(model)
         if t not in appearances:
             continue
         batch, flip = np.asarray(batches[t], dtype=np.int64), np.asarray(flips[t], dtype=bool)
@@ -74,6 +75,7 @@ def export_minimal_por(run: TrainingRun, point: int, out_dir: str | Path, pool_s
     previous_threads = torch.get_num_threads()
     try:
         forged, first = minimal_forged_log(run, int(point), pool_size)
-        return write_por(run, int(point), np.array([int(point)]), forged, first, out_dir, device)
+        claim = exclude_claim(run, run.load_dataset(), int(point), [int(point)])
+        return write_por(run, forged, first, out_dir, claim, device=device)
     finally:
         torch.set_num_threads(previous_threads)

@@ -3,17 +3,24 @@
 One function per check, each returning its reasons (every failure is a named `Reason`; all are collected, nothing
 stops at the first):
 
-  files        POR_DIR holds exactly por.json, steps.parquet and ckpt-<step>.safetensors for exactly the listed
-               checkpoint steps. Anything else is reported and never opened; checkpoints are read only through
-               safetensors (never pickle / torch.load).
+  files        POR_DIR holds exactly por.json, steps.parquet, ckpt-<step>.safetensors for exactly the listed
+               checkpoint steps and, for kind include, xstar.safetensors. Anything else is reported and never
+               opened; tensors are read only through safetensors (never pickle / torch.load).
   dataset      the training set rebuilt from the PoR's data config and seed (files from `data_root` only when it
                is given, else $RAYFORGE_DATA or the download cache; never a path from the artifact) has the claimed
-               SHA-256 and size; the point has the claimed content hash.
-  log          every index is in range; the step count, every batch size and every learning rate are what the
-               declared training implies (the lr to float precision, see `check_lr`); no flips when the declared
-               training has none.
-  exclusion    no batch holds the point or another excluded group member (by index), nor a point whose content
-               equals the point's (a duplicate at another index; with flips also its mirror image).
+               SHA-256 and size; for kind exclude the point has the claimed content hash.
+  log          every index is in range (D's n points; D ∪ {x*}'s n + 1; D_p's); the step count, every batch size
+               and every learning rate are what the declared training implies (the lr to float precision, see
+               `check_lr`); no flips when the declared training has none.
+  exclusion    (kind exclude) no batch holds the point or another excluded group member (by index), nor a point
+               whose content equals the point's (a duplicate at another index; with flips also its mirror image).
+  inclusion    (kind include) xstar.safetensors holds one image of the declared input shape and a label the model
+               has, with the claimed content hash and label; x* is not already in D (no point of D has its content,
+               or with flips its mirror image); index n (x*) is in the batches of exactly the claimed iterations.
+  public       (kind public) the public dataset D_p, read from `data_root` (its image folder: train/<class>/*;
+               required, nothing else is searched), has the claimed size and SHA-256, the declared input shape and
+               labels the model has; every batch holds batch_size of its points. The manifest has no key naming D
+               (its schema has none), so nothing of D is read.
   checkpoints  every listed checkpoint is readable and has the declared model's tensors; checkpoint 0 is the model's
                seeded initialisation; the update norm ‖θ_{c_{i+1}} − θ_{c_i}‖ of every segment is measured.
   replay       (PoL, Def. 2) each selected segment c_i -> c_{i+1}, replayed from the stored c_i with
@@ -24,7 +31,8 @@ stops at the first):
                ℓ2 distance from the PoR's final checkpoint is at most the claimed epsilon (no slack: both are
                computed by the same deterministic `l2_distance`).
 
-A malformed por.json or steps.parquet raises MalformedArtifact, and an input the verifier cannot use (no PoR
+Each kind is checked by its own rules only; a PoR of one kind relabelled as another fails its schema or these
+checks. A malformed por.json or steps.parquet raises MalformedArtifact, and an input the verifier cannot use (no PoR
 directory, an unreadable --model or --data-root, a dataset not found, a bad option) raises UnusableInput: both
 exit 2, before any replay. A PoR that parses but fails a check gives a report with valid=False (exit 1).
 """
@@ -46,12 +54,12 @@ import torch
 from torch import nn
 
 from rayforge.config import TrainConfig
-from rayforge.data import Dataset, arrays_sha256, build_dataset, point_sha256
+from rayforge.data import Dataset, ImageArrays, arrays_sha256, build_dataset, point_sha256, same_content
 from rayforge.errors import MalformedArtifact, RayforgeError, UnusableInput
 from rayforge.io import read_tensors
 from rayforge.models import build_model
-from rayforge.por.artifact import MANIFEST, STEPS_FILE, Manifest, l2_distance, model_sha256, params_of, \
-    read_manifest
+from rayforge.por.artifact import MANIFEST, STEPS_FILE, XSTAR_FILE, Manifest, l2_distance, model_sha256, \
+    params_of, read_manifest
 from rayforge.train.batches import TensorData
 from rayforge.train.log import CKPT_RE, Steps, check_state, ckpt_name, load_state, read_checkpoint, read_steps, \
     state_tensors
@@ -123,8 +131,9 @@ class VerifyReport:
     reasons: list[Reason]
     notes: list[str]
     unchecked: list[str]  # claims not checked: without a deployed model, UNCHECKED_WITHOUT_MODEL
-    point: int
-    excluded: list[int]
+    kind: str  # exclude | include | public
+    point: int | None  # exclude: the point; include: x*'s index n; public: None
+    excluded: list[int]  # exclude: the group; else empty
     selection: str  # as asked: all | topq:Q | random:N
     seed: int | None  # random:N only: rerun with this seed to check the same segments
     tol: float
@@ -179,7 +188,8 @@ class VerifyReport:
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"invalid: {r}" for r in self.reasons]
         worst, relative = self.max_distance, self.max_relative
-        lines.append(f"{'VALID' if self.valid else 'INVALID'}: {sum(s.distance is not None for s in self.segments)} "
+        lines.append(f"{'VALID' if self.valid else 'INVALID'} ({self.kind} PoR): "
+                     f"{sum(s.distance is not None for s in self.segments)} "
                      f"of {self.segments_total} segment(s) replayed with {self.threads} thread(s)"
                      + (f", worst l2 {worst:.3g} (tol {self.tol:g})" if worst is not None else "")
                      + (f", worst l2/update {relative:.3g}" if relative is not None else "")
@@ -320,13 +330,14 @@ class FlatLog:
 
 # ---------------------------------------------------------------------------------------------- the checks
 
-def check_files(por_dir: Path, checkpoints: list[int]) -> tuple[set[int], list[Reason]]:
+def check_files(por_dir: Path, m: Manifest) -> tuple[set[int], list[Reason]]:
     """The listed checkpoint steps whose file is present as a regular file; reasons for anything else."""
-    expected = {ckpt_name(c): c for c in checkpoints}
+    expected = {ckpt_name(c): c for c in m.checkpoints}
+    own = {MANIFEST, STEPS_FILE} | ({XSTAR_FILE} if m.kind == "include" else set())
     present, unexpected, not_regular = set(), [], []
     for entry in sorted(por_dir.iterdir(), key=lambda p: p.name):
         name = entry.name
-        if name in (MANIFEST, STEPS_FILE):
+        if name in own:
             continue  # read (and checked to be regular files) separately
         if name in expected and (entry.is_symlink() or not entry.is_file()):
             not_regular.append(name)
@@ -341,25 +352,37 @@ def check_files(por_dir: Path, checkpoints: list[int]) -> tuple[set[int], list[R
     if not_regular:
         reasons.append(Reason("bad_checkpoint", f"not regular files: {_listed(not_regular)}"))
     names = {e.name for e in por_dir.iterdir()}
-    missing = [c for c in checkpoints if ckpt_name(c) not in names]
+    missing = [c for c in m.checkpoints if ckpt_name(c) not in names]
     if missing:
         reasons.append(Reason("missing_checkpoint", f"listed checkpoints without a file: steps {_listed(missing)}"))
     return present, reasons
 
 
-def check_dataset(m: Manifest, ds: Dataset) -> tuple[bool, list[Reason]]:
-    """(whether the training set is the PoR's, reasons): size, content hash, input shape, the point's hash."""
-    train, reasons = ds.train, []
-    digest = arrays_sha256(train)
-    ok = len(train) == m.n and digest == m.train_sha256
+def _same_data(m: Manifest, train: ImageArrays, n: int, sha256: str, what: str) -> tuple[bool, list[Reason]]:
+    """(whether `train` is the claimed dataset, reasons): size, content hash, input shape, labels the model has."""
+    digest, reasons = arrays_sha256(train), []
+    ok = len(train) == n and digest == sha256
     if not ok:
-        reasons.append(Reason("dataset_mismatch", f"the training set found ({len(train)} points, SHA-256 "
-                                                  f"{digest[:12]}...) is not the PoR's ({m.n} points, "
-                                                  f"{m.train_sha256[:12]}...)"))
+        reasons.append(Reason("dataset_mismatch", f"the {what} found ({len(train)} points, SHA-256 {digest[:12]}...) "
+                                                  f"is not the PoR's ({n} points, {sha256[:12]}...)"))
     if list(train.images.shape[1:]) != list(m.training.in_shape):
-        reasons.append(Reason("dataset_mismatch", f"training inputs are {list(train.images.shape[1:])}, the PoR "
+        reasons.append(Reason("dataset_mismatch", f"{what} inputs are {list(train.images.shape[1:])}, the PoR "
                                                   f"declares in_shape {list(m.training.in_shape)}"))
         ok = False
+    if len(train) and not 0 <= int(train.labels.min()) <= int(train.labels.max()) < NUM_CLASSES:
+        reasons.append(Reason("dataset_mismatch", f"{what} labels lie outside the model's classes "
+                                                  f"0..{NUM_CLASSES - 1}"))
+        ok = False
+    return ok, reasons
+
+
+def check_dataset(m: Manifest, ds: Dataset) -> tuple[bool, list[Reason]]:
+    """(whether the training set is the PoR's D, reasons): size, content hash, input shape, labels; for kind
+    exclude also the point's hash."""
+    train = ds.train
+    ok, reasons = _same_data(m, train, m.n, m.train_sha256, "training set")
+    if m.kind != "exclude":
+        return ok, reasons
     if not (m.point < len(train) and point_sha256(train, m.point) == m.point_sha256):
         reasons.append(Reason("point_hash_mismatch", f"point {m.point} of the training set does not have the "
                                                      f"claimed content hash {m.point_sha256[:12]}..."))
@@ -389,21 +412,22 @@ def check_log(m: Manifest, log: Steps, flat: FlatLog) -> tuple[set[int], list[Re
     """(steps holding an index out of range, reasons): the log against the declared training."""
     tr, total, spe, reasons = m.training, m.total_steps, m.steps_per_epoch, []
     if len(log) != total:
+        why = "declared" if m.public is not None else f"n={m.n}, batch_size={tr.batch_size}"
         reasons.append(Reason("step_count", f"the step table has {len(log)} steps; {tr.epochs} epochs of "
-                                            f"{spe} batches (n={m.n}, batch_size={tr.batch_size}) are {total}"))
+                                            f"{spe} batches ({why}) are {total}"))
     if m.checkpoints[-1] != total or m.checkpoints[-1] != len(log):
         reasons.append(Reason("checkpoints", f"the last checkpoint is step {m.checkpoints[-1]}; it must be the "
                                              f"final step ({total} declared, {len(log)} in the table)"))
-    bad_index_steps = set(np.unique(flat.step[(flat.index < 0) | (flat.index >= m.n)]).tolist())
+    limit = m.index_limit
+    bad_index_steps = set(np.unique(flat.step[(flat.index < 0) | (flat.index >= limit)]).tolist())
     if bad_index_steps:
-        reasons.append(Reason("index_out_of_range", f"indices outside [0, {m.n}) at steps "
+        reasons.append(Reason("index_out_of_range", f"indices outside [0, {limit}) at steps "
                                                     f"{_listed(sorted(bad_index_steps))}"))
-    expected_size = np.minimum(tr.batch_size, m.n - (np.arange(len(log)) % spe) * tr.batch_size)
-    wrong_size = np.flatnonzero(flat.sizes != expected_size)
+    wrong_size = np.flatnonzero(flat.sizes != m.batch_sizes(len(log)))
     if len(wrong_size):
-        reasons.append(Reason("batch_size", f"batches of the wrong size (the declared training gives "
-                                            f"min(batch_size, what is left of the epoch)) at steps "
-                                            f"{_listed(wrong_size.tolist())}"))
+        rule = "batch_size" if m.public is not None else "min(batch_size, what is left of the epoch)"
+        reasons.append(Reason("batch_size", f"batches of the wrong size (the declared training gives {rule}) at "
+                                            f"steps {_listed(wrong_size.tolist())}"))
     reasons += check_lr(m, log)
     if not tr.flip and flat.flip.any():
         reasons.append(Reason("flip", f"flipped samples at steps {_listed(np.unique(flat.step[flat.flip]).tolist())} "
@@ -411,15 +435,9 @@ def check_log(m: Manifest, log: Steps, flat: FlatLog) -> tuple[set[int], list[Re
     return bad_index_steps, reasons
 
 
-def _content_twins(train, point: int, mirrored: bool) -> np.ndarray:
-    """Indices other than `point` holding the same content (image and label), and with `mirrored` also those
-    holding its mirror image (a flip flag turns one into the other). Equal content is equal point_sha256."""
-    images = train.images.reshape(len(train), -1)
-    ref = train.images[point]
-    same_label = train.labels == train.labels[point]
-    twins = same_label & (images == ref.reshape(-1)).all(axis=1)
-    if mirrored:
-        twins |= same_label & (images == ref[..., ::-1].reshape(-1)).all(axis=1)
+def _content_twins(train: ImageArrays, point: int, mirrored: bool) -> np.ndarray:
+    """Indices other than `point` holding the point's content (see `same_content`)."""
+    twins = same_content(train, train.images[point], int(train.labels[point]), mirrored)
     twins[point] = False
     return np.flatnonzero(twins).astype(np.int64)
 
@@ -448,6 +466,59 @@ def check_exclusion(m: Manifest, flat: FlatLog, train) -> tuple[list[str], list[
     if len(twins):
         notes.append(f"the training set holds the point's content also at indices {_listed(twins.tolist())}")
     return notes, reasons
+
+
+def read_xstar(por_dir: Path, m: Manifest) -> tuple[ImageArrays | None, list[Reason]]:
+    """x* as the PoR carries it (one point, from safetensors only), or None and why it cannot be used."""
+    path, shape = por_dir / XSTAR_FILE, tuple(m.training.in_shape)
+    if path.is_symlink() or not path.is_file():
+        return None, [Reason("xstar_file", f"no {XSTAR_FILE} (or not a regular file): x*'s pixels are missing")]
+    try:
+        tensors = read_tensors(path, f"x* ({XSTAR_FILE})")
+    except MalformedArtifact as exc:
+        return None, [Reason("xstar_file", str(exc))]
+    image, label = tensors.get("image"), tensors.get("label")
+    if set(tensors) != {"image", "label"} or image.dtype != torch.uint8 or tuple(image.shape) != shape or \
+            label.dtype != torch.int64 or tuple(label.shape) != (1,):
+        return None, [Reason("xstar_file", f"{XSTAR_FILE} must hold exactly 'image' (uint8 {list(shape)}) and "
+                                           f"'label' (int64 [1])")]
+    return ImageArrays(image.numpy()[None].copy(), label.numpy().copy()), []
+
+
+def check_inclusion(m: Manifest, flat: FlatLog, train: ImageArrays, xstar: ImageArrays | None) -> tuple[
+        bool, list[Reason]]:
+    """(whether x* can join D for the replay, reasons): x* in exactly the claimed iterations, its carried pixels
+    and label matching the claims, a label the model has, and not already in D by content."""
+    inc, reasons = m.include, []
+    held = np.unique(flat.steps_with(np.asarray([inc.index]))[0])
+    if not np.array_equal(held, inc.steps):
+        reasons.append(Reason("include_steps", f"x* (index {inc.index}) must be in the batches of exactly the "
+                                               f"claimed iterations; missing from steps "
+                                               f"{_listed(np.setdiff1d(inc.steps, held).tolist()) or 'none'}, in "
+                                               f"unclaimed steps {_listed(np.setdiff1d(held, inc.steps).tolist()) or 'none'}"))
+    if xstar is None:
+        return False, reasons
+    label, digest = int(xstar.labels[0]), point_sha256(xstar, 0)
+    if label != inc.label:
+        reasons.append(Reason("xstar_mismatch", f"x* carries label {label}; the PoR claims {inc.label}"))
+    if digest != inc.sha256:
+        reasons.append(Reason("xstar_mismatch", f"x*'s carried image and label hash to {digest[:12]}...; the PoR "
+                                                f"claims {inc.sha256[:12]}..."))
+    if not 0 <= label < NUM_CLASSES:
+        reasons.append(Reason("xstar_mismatch", f"x*'s label {label} is not a class of the model "
+                                                f"(0..{NUM_CLASSES - 1})"))
+        return False, reasons
+    twins = np.flatnonzero(same_content(train, xstar.images[0], label, mirrored=m.training.flip))
+    if len(twins):
+        reasons.append(Reason("xstar_in_dataset", f"x* is already in D (its image and label"
+                                                  f"{', or its mirror image,' if m.training.flip else ''} at indices "
+                                                  f"{_listed(twins.tolist())}): D ∪ {{x*}} adds nothing"))
+    return True, reasons
+
+
+def check_public(m: Manifest, public: ImageArrays) -> tuple[bool, list[Reason]]:
+    """(whether the public dataset found is the PoR's D_p, reasons): size, content hash, input shape, labels."""
+    return _same_data(m, public, m.public.n, m.public.sha256, "public dataset")
 
 
 @dataclass
@@ -714,9 +785,59 @@ def _read_log(por_dir: Path) -> Steps:
 
 
 def _load_dataset(m: Manifest, data_root: Path | None) -> Dataset:
-    """The PoR's training set, from the verifier's data root (never the artifact's) or the default places."""
+    """The PoR's training set D, from the verifier's data root (never the artifact's) or the default places."""
     data_cfg = dataclasses.replace(m.data, data_root=None if data_root is None else str(data_root))
     return build_dataset(data_cfg, m.seed, fallback=data_root is None)
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the verifier rebuilt for the PoR's kind (never from a path in the artifact): D (kinds exclude and
+    include) or D_p (kind public), and the normalisation its pixels enter the model with."""
+
+    train: ImageArrays
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def load_source(m: Manifest, data_root: Path | None) -> Source:
+    if m.public is None:
+        ds = _load_dataset(m, data_root)
+        return Source(ds.train, ds.mean, ds.std)
+    if data_root is None:
+        raise UnusableInput("a public-data PoR is checked against the public dataset: pass --data-root DIR, its "
+                            "image folder (DIR/train/<class>/*)")
+    from rayforge.data.public import load_public
+
+    return Source(load_public(data_root), m.public.mean, m.public.std)
+
+
+def exclude_checks(por_dir: Path, m: Manifest, flat: FlatLog, src: Source):
+    """D, the point's hash, and the exclusion."""
+    ok, reasons = check_dataset(m, src)
+    notes, found = check_exclusion(m, flat, src.train)
+    return notes, src.train if ok else None, reasons + found
+
+
+def include_checks(por_dir: Path, m: Manifest, flat: FlatLog, src: Source):
+    """D, x*, and the inclusion; the replay runs on D ∪ {x*}."""
+    ok, reasons = check_dataset(m, src)
+    xstar, found = read_xstar(por_dir, m)
+    usable, found_inclusion = check_inclusion(m, flat, src.train, xstar)
+    points = ImageArrays(np.concatenate([src.train.images, xstar.images]),
+                         np.concatenate([src.train.labels, xstar.labels])) if ok and usable else None
+    return [], points, reasons + found + found_inclusion
+
+
+def public_checks(por_dir: Path, m: Manifest, flat: FlatLog, src: Source):
+    """D_p; the replay runs on it."""
+    ok, reasons = check_public(m, src.train)
+    return [], src.train if ok else None, reasons
+
+
+# kind -> fn(por_dir, manifest, flat log, source) -> (notes, the points the log's indices name or None when the
+# replay cannot use them, reasons)
+KIND_CHECKS = {"exclude": exclude_checks, "include": include_checks, "public": public_checks}
 
 
 @dataclass
@@ -725,32 +846,30 @@ class Findings:
 
     reasons: list[Reason]
     notes: list[str]
-    dataset_ok: bool
+    points: ImageArrays | None  # what the log's indices name (D, D ∪ {x*} or D_p); None: the replay cannot run
     bad_index_steps: set[int]
     ckpts: Checkpoints
 
 
-def check_before_replay(req: Request, m: Manifest, log: Steps, ds: Dataset, template: nn.Module) -> Findings:
-    """Files, dataset, log, exclusion and checkpoints: every check that replays nothing."""
+def check_before_replay(req: Request, m: Manifest, log: Steps, src: Source, template: nn.Module) -> Findings:
+    """Files, the kind's data checks, log and checkpoints: every check that replays nothing."""
     flat = FlatLog.of(log)
-    present, reasons = check_files(req.por_dir, m.checkpoints)
-    dataset_ok, found = check_dataset(m, ds)
+    present, reasons = check_files(req.por_dir, m)
+    notes, points, found = KIND_CHECKS[m.kind](req.por_dir, m, flat, src)
     bad_index_steps, found_log = check_log(m, log, flat)
-    notes, found_exclusion = check_exclusion(m, flat, ds.train)
     ckpts, found_ckpts = check_checkpoints(req.por_dir, m, present, template)
-    return Findings(reasons + found + found_log + found_exclusion + found_ckpts, notes, dataset_ok, bad_index_steps,
-                    ckpts)
+    return Findings(reasons + found + found_log + found_ckpts, notes, points, bad_index_steps, ckpts)
 
 
-def replay_selected(req: Request, m: Manifest, log: Steps, ds: Dataset, found: Findings) -> tuple[
+def replay_selected(req: Request, m: Manifest, log: Steps, src: Source, found: Findings) -> tuple[
         list[SegmentCheck], list[SegmentCheck], list[Reason]]:
     """(all segments, the selected ones, replay reasons)."""
     segments = [SegmentCheck(a, b, found.ckpts.update_norm.get((a, b)))
                 for a, b in zip(m.checkpoints, m.checkpoints[1:])]
     selected = select_segments(segments, req.kind, req.count, m.steps_per_epoch, req.seed)
-    replayer = Replayer(req.por_dir, log, TensorData(ds.train, ds.mean, ds.std, req.device),
+    replayer = Replayer(req.por_dir, log, TensorData(found.points, src.mean, src.std, req.device),
                         _fresh_model(m, req.device), SGDHyper(m.training.momentum, m.training.weight_decay)) \
-        if found.dataset_ok else None
+        if found.points is not None else None
     return segments, selected, check_replay(req, m, selected, replayer, found.ckpts, len(log), found.bad_index_steps)
 
 
@@ -761,12 +880,12 @@ def _verify(req: Request, warn: Callable[[str], None]) -> VerifyReport:
     if warning:
         warn(warning)
     set_determinism(threads)
-    ds = _load_dataset(m, req.data_root)
+    src = load_source(m, req.data_root)
     template = _fresh_model(m, torch.device("cpu"))
     timing = {"dataset_s": time.perf_counter() - t0}
-    found = check_before_replay(req, m, log, ds, template)
+    found = check_before_replay(req, m, log, src, template)
     timing["checks_s"] = time.perf_counter() - t0 - timing["dataset_s"]
-    segments, selected, replay_reasons = replay_selected(req, m, log, ds, found)
+    segments, selected, replay_reasons = replay_selected(req, m, log, src, found)
     timing["replay_s"] = time.perf_counter() - t0 - timing["dataset_s"] - timing["checks_s"]
     measured, claim_reasons = check_claims(m, template, found.ckpts.final, req.deployed, req.model_path)
     reasons = found.reasons + replay_reasons + claim_reasons
@@ -776,8 +895,9 @@ def _verify(req: Request, warn: Callable[[str], None]) -> VerifyReport:
     timing["total_s"] = time.perf_counter() - t0
     return VerifyReport(
         por_dir=str(req.por_dir), valid=not reasons, reasons=reasons, notes=found.notes,
-        unchecked=[] if req.deployed is not None else list(UNCHECKED_WITHOUT_MODEL), point=m.point,
-        excluded=[int(i) for i in m.excluded], selection="all" if req.kind == "all" else f"{req.kind}:{req.count}",
+        unchecked=[] if req.deployed is not None else list(UNCHECKED_WITHOUT_MODEL), kind=m.kind,
+        point=m.include.index if m.include is not None else m.point,
+        excluded=[] if m.excluded is None else [int(i) for i in m.excluded], selection="all" if req.kind == "all" else f"{req.kind}:{req.count}",
         seed=req.seed if req.kind == "random" else None, tol=req.tol, tol_rel=req.tol_rel,
         velocity_tol=velocity_tolerance(m, req.tol), threads=threads or torch.get_num_threads(),
         trained_threads=m.training.threads, device=str(req.device), segments_total=len(segments), segments=selected,
