@@ -193,8 +193,7 @@ def include_claim(run: TrainingRun, xstar: ImageArrays, steps: np.ndarray) -> di
 
 def xstar_tensors(xstar: ImageArrays) -> dict[str, torch.Tensor]:
     """xstar.safetensors: "image" uint8 (C, H, W), "label" int64 (1,)."""
-    return {"image": torch.from_numpy(np.ascontiguousarray(xstar.images[0])),
-            "label": torch.from_numpy(np.ascontiguousarray(xstar.labels[:1]))}
+    return {"image": torch.from_numpy(xstar.images[0].copy()), "label": torch.from_numpy(xstar.labels[:1].copy())}
 
 
 def union_data(ds, xstar: ImageArrays, device: torch.device) -> TensorData:

@@ -91,3 +91,17 @@ def mnist_por(tmp_path_factory):
         out = build_por(root, cfg, point=DUP_POINT, kappa=2, mu=3, lam=1)
     out.update(data_root=data, other_root=other, twin=DUP_TWIN)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- include PoRs
+
+@pytest.fixture(scope="module")
+def include_por(plain_por, tmp_path_factory):
+    """The include PoR of test point 3 on the plain run (|H| = epochs = 2, one admission per epoch)."""
+    from rayforge.por.include import export_include_por
+    from rayforge.train.run import TrainingRun
+
+    root = tmp_path_factory.mktemp("include")
+    manifest, admitted = export_include_por(TrainingRun.open(plain_por["run_dir"]), root / "por", test_index=3,
+                                            progress=False)
+    return {**plain_por, "por": root / "por", "manifest": manifest, "admitted": admitted}
