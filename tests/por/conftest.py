@@ -105,3 +105,21 @@ def include_por(plain_por, tmp_path_factory):
     manifest, admitted = export_include_por(TrainingRun.open(plain_por["run_dir"]), root / "por", test_index=3,
                                             progress=False)
     return {**plain_por, "por": root / "por", "manifest": manifest, "admitted": admitted}
+
+
+# ---------------------------------------------------------------------------------------------- public-data PoRs
+
+@pytest.fixture(scope="module")
+def public_por(plain_por, tmp_path_factory):
+    """The public-data PoR of the plain run, D_p = its test split (40 points) as an image folder."""
+    from rayforge.data.public import write_image_folder
+    from rayforge.por.public import export_public_por
+    from rayforge.train.run import TrainingRun
+
+    root = tmp_path_factory.mktemp("public")
+    run = TrainingRun.open(plain_por["run_dir"])
+    public = write_image_folder(run.load_dataset().test, root / "public")
+    summary = {}
+    manifest = export_public_por(run, public, root / "por", strategy="hybrid", mu=4, pool_size=20, progress=False,
+                                 summary=summary)
+    return {**plain_por, "por": root / "por", "manifest": manifest, "public": public, "summary": summary}
