@@ -46,3 +46,43 @@ def forge_in_process(run_dir, kappa=2, mu=3, lam=2, strategy="paper", points=Non
     table = pa.concat_tables(tables).sort_by([("step", "ascending"), ("part", "ascending")])
     write_parquet(out / "forged.parquet", table)
     return params
+
+
+# ---------------------------------------------------------------------------------------------- PoR tampering
+
+def copy_por(por: dict, tmp_path, name: str = "por"):
+    """A copy of a PoR fixture's directory to tamper with."""
+    import shutil
+
+    dst = tmp_path / name
+    shutil.copytree(por["por"], dst)
+    return dst
+
+
+def edit_steps(por_dir, edit) -> None:
+    """Rewrite a PoR's step table after `edit(batches, flips)` changed the lists in place."""
+    from rayforge.io import write_parquet
+    from rayforge.train.log import read_steps, steps_table
+
+    steps = read_steps(por_dir / "steps.parquet")
+    batch, flip = [b.copy() for b in steps.batch], [f.copy() for f in steps.flip]
+    edit(batch, flip)
+    write_parquet(por_dir / "steps.parquet", steps_table(batch, flip, steps.lr))
+
+
+def edit_manifest(por_dir, edit) -> None:
+    """Rewrite a PoR's por.json after `edit(manifest)`."""
+    import json
+
+    m = json.loads((por_dir / "por.json").read_text())
+    edit(m)
+    (por_dir / "por.json").write_text(json.dumps(m))
+
+
+def refused(result, code: int, match: str, out) -> None:
+    """A CLI result that refused bad input: one line on stderr containing `match`, exit `code`, nothing at `out`
+    (not even a staged sibling)."""
+    assert result.exit_code == code, result.output
+    assert result.stdout == "" and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert match in result.stderr, result.stderr
+    assert not out.exists() and not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())

@@ -15,34 +15,15 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from helpers import copy_por, edit_manifest, edit_steps, refused
 from rayforge.cli import main
 from rayforge.data import ImageArrays, point_sha256
-from rayforge.io import write_parquet
 from rayforge.por import verify_por
 from rayforge.por.include import admissions, best_steps, export_include_por, union_data, windows
-from rayforge.train.log import read_steps, steps_table
+from rayforge.train.log import read_steps
 from rayforge.train.run import TrainingRun
 
 N = 60  # the plain run's training points: x* is index 60
-
-
-def _copy(por: dict, tmp_path: Path, name: str = "por") -> Path:
-    dst = tmp_path / name
-    shutil.copytree(por["por"], dst)
-    return dst
-
-
-def _edit_steps(por_dir: Path, edit) -> None:
-    steps = read_steps(por_dir / "steps.parquet")
-    batch, flip = [b.copy() for b in steps.batch], [f.copy() for f in steps.flip]
-    edit(batch, flip)
-    write_parquet(por_dir / "steps.parquet", steps_table(batch, flip, steps.lr))
-
-
-def _edit_manifest(por_dir: Path, edit) -> None:
-    m = json.loads((por_dir / "por.json").read_text())
-    edit(m)
-    (por_dir / "por.json").write_text(json.dumps(m))
 
 
 def _codes(report) -> set[str]:
@@ -119,9 +100,9 @@ def test_mnist_digit_of_28x28_is_padded_like_the_training_set(mnist_por, tmp_pat
 
 
 def test_an_old_exclude_por_without_kind_still_verifies(plain_por, tmp_path):
-    por = _copy(plain_por, tmp_path)
+    por = copy_por(plain_por, tmp_path)
     assert json.loads((por / "por.json").read_text())["kind"] == "exclude"
-    _edit_manifest(por, lambda m: m.pop("kind"))
+    edit_manifest(por, lambda m: m.pop("kind"))
     report = verify_por(por, model_path=plain_por["deployed"])
     assert report.valid and report.kind == "exclude"
 
@@ -129,55 +110,55 @@ def test_an_old_exclude_por_without_kind_still_verifies(plain_por, tmp_path):
 # ------------------------------------------------------------------------------------------------ tamperings
 
 def test_xstar_dropped_from_a_claimed_iteration(include_por, tmp_path):
-    por = _copy(include_por, tmp_path)
+    por = copy_por(include_por, tmp_path)
     t = include_por["manifest"]["include"]["steps"][0]
 
     def edit(batch, flip):
         batch[t][batch[t] == N] = next(i for i in range(N) if i not in batch[t])
 
-    _edit_steps(por, edit)
+    edit_steps(por, edit)
     report = verify_por(por)
     assert not report.valid and "include_steps" in _codes(report)
     assert f"missing from steps {t}" in next(str(r) for r in report.reasons if r.code == "include_steps")
 
 
 def test_xstar_added_to_an_unclaimed_iteration(include_por, tmp_path):
-    por = _copy(include_por, tmp_path)
+    por = copy_por(include_por, tmp_path)
     claimed = include_por["manifest"]["include"]["steps"]
     t = next(s for s in range(12) if s not in claimed)
 
     def edit(batch, flip):
         batch[t][0] = N
 
-    _edit_steps(por, edit)
+    edit_steps(por, edit)
     report = verify_por(por)
     assert "include_steps" in _codes(report)
     assert f"in unclaimed steps {t}" in next(str(r) for r in report.reasons if r.code == "include_steps")
     # claiming that iteration too does not help: the replay no longer lands on the checkpoints
-    _edit_manifest(por, lambda m: m["include"].update(steps=sorted(claimed + [t])))
+    edit_manifest(por, lambda m: m["include"].update(steps=sorted(claimed + [t])))
     report = verify_por(por)
     assert _codes(report) == {"replay_mismatch"}
 
 
 @pytest.mark.parametrize("how", ["manifest", "everywhere"])
 def test_xstar_label_changed(include_por, tmp_path, how):
-    por = _copy(include_por, tmp_path)
+    por = copy_por(include_por, tmp_path)
     old = include_por["manifest"]["include"]["label"]
     new = (old + 1) % 10
-    _edit_manifest(por, lambda m: m["include"].update(label=new))
+    edit_manifest(por, lambda m: m["include"].update(label=new))
     if how == "everywhere":  # carried label and hash rewritten to match: only the replay can tell
         tensors = load_file(str(por / "xstar.safetensors"))
         tensors["label"] = torch.tensor([new])
         save_file(tensors, str(por / "xstar.safetensors"))
         point = ImageArrays(tensors["image"].numpy()[None], np.array([new]))
-        _edit_manifest(por, lambda m: m["include"].update(sha256=point_sha256(point, 0)))
+        edit_manifest(por, lambda m: m["include"].update(sha256=point_sha256(point, 0)))
     report = verify_por(por)
     assert not report.valid
     assert _codes(report) == ({"xstar_mismatch"} if how == "manifest" else {"replay_mismatch"})
 
 
 def test_xstar_pixels_missing_or_malformed(include_por, tmp_path):
-    por = _copy(include_por, tmp_path)
+    por = copy_por(include_por, tmp_path)
     (por / "xstar.safetensors").unlink()
     report = verify_por(por)
     assert "xstar_file" in _codes(report) and all(s.skipped == "the dataset differs" for s in report.segments)
@@ -187,12 +168,12 @@ def test_xstar_pixels_missing_or_malformed(include_por, tmp_path):
 
 
 def test_xstar_already_in_the_training_set(include_por, tmp_path):
-    por = _copy(include_por, tmp_path)
+    por = copy_por(include_por, tmp_path)
     run = TrainingRun.open(include_por["run_dir"])
     member = run.load_dataset().train.take(np.array([9]))
     save_file({"image": torch.from_numpy(member.images[0]), "label": torch.from_numpy(member.labels)},
               str(por / "xstar.safetensors"))
-    _edit_manifest(por, lambda m: m["include"].update(label=int(member.labels[0]), sha256=point_sha256(member, 0)))
+    edit_manifest(por, lambda m: m["include"].update(label=int(member.labels[0]), sha256=point_sha256(member, 0)))
     report = verify_por(por)
     assert "xstar_in_dataset" in _codes(report)
     assert "indices 9" in next(str(r) for r in report.reasons if r.code == "xstar_in_dataset")
@@ -201,7 +182,7 @@ def test_xstar_already_in_the_training_set(include_por, tmp_path):
 # ------------------------------------------------------------------------------------------------ one kind as another
 
 def test_an_include_por_cannot_pass_as_an_exclude_por(include_por, tmp_path):
-    por = _copy(include_por, tmp_path)
+    por = copy_por(include_por, tmp_path)
     run = TrainingRun.open(include_por["run_dir"])
     point = 7
 
@@ -210,16 +191,16 @@ def test_an_include_por_cannot_pass_as_an_exclude_por(include_por, tmp_path):
         m.update(kind="exclude", point=point, excluded=[point],
                  point_sha256=point_sha256(run.load_dataset().train, point))
 
-    _edit_manifest(por, as_exclude)
+    edit_manifest(por, as_exclude)
     report = verify_por(por)
     assert not report.valid and {"index_out_of_range", "unexpected_file"} <= _codes(report)
     (por / "xstar.safetensors").unlink()
-    _edit_manifest(por, lambda m: m.pop("kind"))  # as an old PoR: the same
+    edit_manifest(por, lambda m: m.pop("kind"))  # as an old PoR: the same
     assert "index_out_of_range" in _codes(verify_por(por))
 
 
 def test_an_exclude_por_cannot_pass_as_an_include_por(plain_por, include_por, tmp_path):
-    por = _copy(plain_por, tmp_path)
+    por = copy_por(plain_por, tmp_path)
     shutil.copyfile(include_por["por"] / "xstar.safetensors", por / "xstar.safetensors")
 
     def as_include(m):
@@ -227,30 +208,26 @@ def test_an_exclude_por_cannot_pass_as_an_include_por(plain_por, include_por, tm
             del m[key]
         m.update(kind="include", include=include_por["manifest"]["include"])
 
-    _edit_manifest(por, as_include)
+    edit_manifest(por, as_include)
     report = verify_por(por)
     assert not report.valid and "include_steps" in _codes(report)
 
 
 def test_a_kind_without_its_keys_is_malformed(include_por, tmp_path):
-    por = _copy(include_por, tmp_path)
-    _edit_manifest(por, lambda m: m.pop("kind"))
+    por = copy_por(include_por, tmp_path)
+    edit_manifest(por, lambda m: m.pop("kind"))
     result = CliRunner().invoke(main, ["verify", str(por)])
     assert result.exit_code == 2 and "unknown ['include']" in result.output
-    _edit_manifest(por, lambda m: m.update(kind="public"))
+    edit_manifest(por, lambda m: m.update(kind="public"))
     assert CliRunner().invoke(main, ["verify", str(por)]).exit_code == 2
-    _edit_manifest(por, lambda m: m.update(kind="exclude-ish"))
+    edit_manifest(por, lambda m: m.update(kind="exclude-ish"))
     assert "'kind'" in CliRunner().invoke(main, ["verify", str(por)]).output
 
 
 # ------------------------------------------------------------------------------------------------ bad input
 
 def _bad(args: list[str], match: str, out: Path, code: int = 1) -> None:
-    result = CliRunner().invoke(main, args + ["--out", str(out)])
-    assert result.exit_code == code, result.output
-    assert result.stdout == "" and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert match in result.stderr, result.stderr
-    assert not out.exists() and not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())
+    refused(CliRunner().invoke(main, args + ["--out", str(out)]), code, match, out)
 
 
 def test_bad_input_is_one_line_and_writes_nothing(plain_por, tmp_path):

@@ -3,7 +3,6 @@ tampering with D_p indices or D_p itself is caught, one kind cannot pass as anot
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -12,37 +11,18 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from helpers import copy_por, edit_manifest, edit_steps, refused
 from rayforge.cli import main
 from rayforge.data import ImageArrays, arrays_sha256, point_sha256
 from rayforge.data.public import load_public, write_image_folder
 from rayforge.errors import UnusableInput
-from rayforge.io import write_parquet
 from rayforge.por import verify_por
 from rayforge.por.export import dataset_block
 from rayforge.por.public import export_public_por
-from rayforge.train.log import read_steps, steps_table
+from rayforge.train.log import read_steps
 from rayforge.train.run import TrainingRun
 
 N_PUBLIC = 40  # the plain run's test split
-
-
-def _copy(por: dict, tmp_path: Path) -> Path:
-    dst = tmp_path / "por"
-    shutil.copytree(por["por"], dst)
-    return dst
-
-
-def _edit_steps(por_dir: Path, edit) -> None:
-    steps = read_steps(por_dir / "steps.parquet")
-    batch, flip = [b.copy() for b in steps.batch], [f.copy() for f in steps.flip]
-    edit(batch, flip)
-    write_parquet(por_dir / "steps.parquet", steps_table(batch, flip, steps.lr))
-
-
-def _edit_manifest(por_dir: Path, edit) -> None:
-    m = json.loads((por_dir / "por.json").read_text())
-    edit(m)
-    (por_dir / "por.json").write_text(json.dumps(m))
 
 
 def _codes(report) -> set[str]:
@@ -95,20 +75,20 @@ def test_verify_needs_the_public_data_root(public_por):
 # ------------------------------------------------------------------------------------------------ tamperings
 
 def test_a_public_index_changed(public_por, tmp_path):
-    por = _copy(public_por, tmp_path)
+    por = copy_por(public_por, tmp_path)
     root = public_por["public"]
 
     def edit(batch, flip):
         batch[4][0] = next(i for i in range(N_PUBLIC) if i not in batch[4])
 
-    _edit_steps(por, edit)
+    edit_steps(por, edit)
     report = verify_por(por, data_root=root)
     assert _codes(report) == {"replay_mismatch"}
 
     def outside(batch, flip):
         batch[7][1] = N_PUBLIC
 
-    _edit_steps(por, outside)
+    edit_steps(por, outside)
     report = verify_por(por, data_root=root)
     assert "index_out_of_range" in _codes(report)
     assert f"indices outside [0, {N_PUBLIC}) at steps 7" in next(str(r) for r in report.reasons
@@ -116,12 +96,12 @@ def test_a_public_index_changed(public_por, tmp_path):
 
 
 def test_a_short_batch_and_another_public_dataset(public_por, tmp_path):
-    por = _copy(public_por, tmp_path)
+    por = copy_por(public_por, tmp_path)
 
     def edit(batch, flip):
         batch[3], flip[3] = batch[3][:-1], flip[3][:-1]
 
-    _edit_steps(por, edit)
+    edit_steps(por, edit)
     assert "batch_size" in _codes(verify_por(por, data_root=public_por["public"]))
     other = tmp_path / "other"
     shutil.copytree(public_por["public"], other)
@@ -136,7 +116,7 @@ def test_a_short_batch_and_another_public_dataset(public_por, tmp_path):
 # ------------------------------------------------------------------------------------------------ one kind as another
 
 def test_a_public_por_cannot_pass_as_an_exclude_por(public_por, tmp_path):
-    por = _copy(public_por, tmp_path)
+    por = copy_por(public_por, tmp_path)
     run = TrainingRun.open(public_por["run_dir"])
     ds = run.load_dataset()
 
@@ -146,29 +126,29 @@ def test_a_public_por_cannot_pass_as_an_exclude_por(public_por, tmp_path):
         m.update(kind="exclude", point=0, excluded=[0], dataset=dataset_block(run),
                  point_sha256=point_sha256(ds.train, 0))
 
-    _edit_manifest(por, as_exclude)
+    edit_manifest(por, as_exclude)
     report = verify_por(por)
     assert not report.valid and "replay_mismatch" in _codes(report)  # its indices name D_p's points, not D's
 
 
 def test_an_exclude_por_cannot_pass_as_a_public_por(plain_por, public_por, tmp_path):
-    por = _copy(plain_por, tmp_path)
+    por = copy_por(plain_por, tmp_path)
 
     def as_public(m):
         for key in ("point", "point_sha256", "excluded", "dataset"):
             del m[key]
         m.update(kind="public", seed=3, public=public_por["manifest"]["public"])
 
-    _edit_manifest(por, as_public)
+    edit_manifest(por, as_public)
     report = verify_por(por, data_root=public_por["public"])
     assert not report.valid and "index_out_of_range" in _codes(report)  # D's indices run past D_p's 40 points
     assert all(s.skipped == "a batch holds an index out of range" for s in report.segments)
 
 
 def test_d_keys_in_a_public_manifest_are_malformed(public_por, tmp_path):
-    por = _copy(public_por, tmp_path)
+    por = copy_por(public_por, tmp_path)
     run = TrainingRun.open(public_por["run_dir"])
-    _edit_manifest(por, lambda m: m.update(dataset=dataset_block(run)))
+    edit_manifest(por, lambda m: m.update(dataset=dataset_block(run)))
     result = CliRunner().invoke(main, ["verify", str(por), "--data-root", str(public_por["public"])])
     assert result.exit_code == 2 and "unknown ['dataset']" in result.output
 
@@ -176,11 +156,7 @@ def test_d_keys_in_a_public_manifest_are_malformed(public_por, tmp_path):
 # ------------------------------------------------------------------------------------------------ bad input
 
 def _bad(args: list[str], match: str, out: Path, code: int = 1) -> None:
-    result = CliRunner().invoke(main, args + ["--out", str(out)])
-    assert result.exit_code == code, result.output
-    assert result.stdout == "" and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert match in result.stderr, result.stderr
-    assert not out.exists() and not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())
+    refused(CliRunner().invoke(main, args + ["--out", str(out)]), code, match, out)
 
 
 def _folder(root: Path, images: np.ndarray, labels) -> Path:
