@@ -314,7 +314,8 @@ def por(run_dir, out_dir, **given):
 @main.command()
 @click.argument("por_dir", type=click.Path(file_okay=False))
 @click.option("--data-root", default=None,
-              help="Where the dataset lies, searched alone (default: $RAYFORGE_DATA, then the download cache).")
+              help="Where the dataset lies, searched alone (default: $RAYFORGE_DATA, then the download cache); for a "
+                   "public-data PoR, the public dataset's image folder (required).")
 @click.option("--model", "model_path", default=None, help="The deployed model (safetensors) to compare with.")
 @click.option("--steps", "selection", default="all", help="all | topq:Q | random:N segments to replay.")
 @click.option("--tol", type=TOLERANCE, default=None, help="Replay tolerance per segment, l2 over the parameters "

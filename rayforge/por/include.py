@@ -203,6 +203,15 @@ def union_data(ds, xstar: ImageArrays, device: torch.device) -> TensorData:
     return TensorData(union, ds.mean, ds.std, device)
 
 
+def write_include_por(run: TrainingRun, out_dir: Path, xstar: ImageArrays, data: TensorData,
+                      kept: list[Admission], device: torch.device) -> dict:
+    """Replay the original log with x* admitted as `kept` says (in step order) on D ∪ {x*} (`data`), and write the
+    include PoR into `out_dir`; return por.json."""
+    n, steps = int(run.info["n"]), np.array([a.step for a in kept], np.int64)
+    return write_por(run, with_xstar(run.steps, n, kept), int(steps[0]), out_dir, include_claim(run, xstar, steps),
+                     data, device, {XSTAR_FILE: xstar_tensors(xstar)})
+
+
 def export_include_por(run: TrainingRun, out_dir: str | Path, image: str | Path | None = None,
                        label: int | None = None, test_index: int | None = None, iterations: int | None = None,
                        rate: float | None = None, pick: str = "best", device: torch.device | None = None,
@@ -233,8 +242,6 @@ def export_include_por(run: TrainingRun, out_dir: str | Path, image: str | Path 
             chosen = admissions(run, data, n, range(run.total_steps), device, progress)
             steps = best_steps(chosen, run.total_steps, count)
         kept = [chosen[int(t)] for t in steps]
-        manifest = write_por(run, with_xstar(run.steps, n, kept), int(steps[0]), out_dir,
-                             include_claim(run, xstar, steps), data, device, {XSTAR_FILE: xstar_tensors(xstar)})
-        return manifest, kept
+        return write_include_por(run, out_dir, xstar, data, kept, device), kept
     finally:
         torch.set_num_threads(previous_threads)
