@@ -24,6 +24,8 @@ _BUILTIN_MODULES = (
     "rayforge.models.vgg_mini",
     "rayforge.models.resnet_mini",
     "rayforge.models.logreg",
+    "rayforge.models.cnn32",
+    "rayforge.models.wrn",
 )
 _builtins_loaded = False
 
