@@ -138,8 +138,11 @@ class Dataset:
     std: tuple[float, ...]
 
 
-def _pad_to_32(a: ImageArrays) -> ImageArrays:
-    # MNIST is 28x28; 2 zero pixels on each side give the 32x32 inputs LeNet-5 was designed for.
+def prepare_points(dataset: str, a: ImageArrays) -> ImageArrays:
+    """Points of a split as the run's models see them: MNIST's 28x28 padded with 2 zero pixels on each side to the
+    32x32 inputs LeNet-5 was designed for; other datasets as they are."""
+    if dataset != "mnist":
+        return a
     return ImageArrays(np.pad(a.images, ((0, 0), (0, 0), (2, 2), (2, 2))), a.labels)
 
 
@@ -150,23 +153,33 @@ def draw_subset(n_available: int, n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n_available)[:n]).astype(np.int64)
 
 
-def build_dataset(cfg: DataConfig, seed: int, fallback: bool = True) -> Dataset:
-    """The run's data: loaded (or generated), subset by `seed` when cfg.subset is set, MNIST padded to 32x32.
-    Without `fallback`, files are searched for only under cfg.data_root."""
+def _raw_splits(cfg: DataConfig, seed: int, fallback: bool = True) -> tuple[ImageArrays, ImageArrays, tuple, tuple]:
+    """(whole training split, test split, mean, std), loaded or generated, before subset and padding. Without
+    `fallback`, files are searched for only under cfg.data_root."""
     _check_name(cfg.dataset)
     if cfg.dataset == "synthetic":
         train, test = make_synthetic(cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_shape, seed)
         channels = train.images.shape[1]
-        mean, std = (0.5,) * channels, (0.25,) * channels
-    else:
-        train, test = (load_split(cfg.dataset, split, cfg.data_root, fallback) for split in SPLITS)
-        mean, std = MEAN_STD[cfg.dataset]
+        return train, test, (0.5,) * channels, (0.25,) * channels
+    train, test = (load_split(cfg.dataset, split, cfg.data_root, fallback) for split in SPLITS)
+    return train, test, *MEAN_STD[cfg.dataset]
+
+
+def training_split(cfg: DataConfig, seed: int, fallback: bool = True) -> ImageArrays:
+    """The whole training split a run's D is drawn from (before `subset`; not padded: see `prepare_points`).
+    `Dataset.subset_indices` index into it."""
+    return _raw_splits(cfg, seed, fallback)[0]
+
+
+def build_dataset(cfg: DataConfig, seed: int, fallback: bool = True) -> Dataset:
+    """The run's data: loaded (or generated), subset by `seed` when cfg.subset is set, MNIST padded to 32x32.
+    Without `fallback`, files are searched for only under cfg.data_root."""
+    train, test, mean, std = _raw_splits(cfg, seed, fallback)
     chosen = None
     if cfg.subset is not None:
         chosen = draw_subset(len(train), cfg.subset, seed)
         train = train.take(chosen)
-    if cfg.dataset == "mnist":
-        train, test = _pad_to_32(train), _pad_to_32(test)
+    train, test = prepare_points(cfg.dataset, train), prepare_points(cfg.dataset, test)
     return Dataset(cfg.dataset, train, test, chosen, mean, std)
 
 

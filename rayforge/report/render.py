@@ -12,8 +12,9 @@ from rayforge.report.metrics import compute_metrics
 from rayforge.tracking import MetricLogger
 from rayforge.train.run import TrainingRun
 
-ATTACK_TITLES = {"lira": "LiRA", "enhanced": "EnhancedMIA", "mentr": "MEntr", "xent": "Xent", "mida": "MIDA"}
-ORDER = ["lira", "enhanced", "mentr", "xent", "mida"]
+ATTACK_TITLES = {"lira": "LiRA", "enhanced": "EnhancedMIA", "enhanced_ref": "EnhancedMIA-R", "mentr": "MEntr",
+                 "xent": "Xent", "mida": "MIDA"}
+ORDER = ["lira", "enhanced", "enhanced_ref", "mentr", "xent", "mida"]
 
 
 def tables_md(metrics: dict) -> str:
