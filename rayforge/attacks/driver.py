@@ -29,7 +29,6 @@ from rayforge.attacks.metrics import auc, tpr_at_fpr
 from rayforge.attacks.shadows import (ShadowSet, balanced_in_mask, shadow_model_name, shadow_seed,
                                       shadow_train_config, train_shadow)
 from rayforge.config import Config, RayConfig, WandbConfig
-from rayforge.errors import RayforgeError
 from rayforge.rebuild.driver import RebuildParams, run_rebuild
 from rayforge.stage import run_units
 from rayforge.train.log import state_tensors
@@ -135,8 +134,6 @@ def run_attack(run_dir: str | Path, strategy: str, actors: int, ray_cfg: RayConf
         "common_per_point": cfg.attack.common, "validation_per_point": cfg.attack.validation})
     shadows = train_shadows(run, pop, actors, progress)
     attacks = prepare_attacks(cfg, pop, shadows)
-    if not attacks:
-        raise RayforgeError("attack: no attack to run (attack.attacks is empty)")
     out = root / strategy
     (out / "score-units").mkdir(parents=True, exist_ok=True)
     original_model, _ = run.model_at(run.total_steps, run.device())
