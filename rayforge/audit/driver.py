@@ -18,7 +18,7 @@ from rayforge.audit.criterion import audit_points, summarize
 from rayforge.audit.figure import least_repudiable_figure
 from rayforge.audit.substitution import (ROWS_SCHEMA, SubstitutionContext, SubstitutionParams, rows_table,
                                          substitution_unit)
-from rayforge.config import RayConfig
+from rayforge.config import RayConfig, WandbConfig
 from rayforge.errors import RayforgeError
 from rayforge.forge.engine import prepare_output
 from rayforge.io import atomic_write_json, read_table_if_valid, write_parquet
@@ -73,7 +73,8 @@ def substitution_rows(run: TrainingRun, params: SubstitutionParams, actors: int,
 
 
 def run_audit(run_dir: str | Path, strategy: str | None, params: SubstitutionParams, actors: int,
-              ray_cfg: RayConfig, use_ray: bool = True, progress: bool = True) -> dict:
+              ray_cfg: RayConfig, use_ray: bool = True, progress: bool = True,
+              wandb_cfg: WandbConfig | None = None) -> dict:
     """The whole audit of RUN against strategy `strategy`'s phase-1/2 and attack outputs (those present)."""
     run = TrainingRun.open(run_dir)
     strategy = strategy or run.cfg.forge.strategy
@@ -84,14 +85,15 @@ def run_audit(run_dir: str | Path, strategy: str | None, params: SubstitutionPar
     summary = summarize(points, strategy, params)
     atomic_write_json(out / "summary.json", summary)
     figure = least_repudiable_figure(run, points, run.run_dir / "report")
-    _log(run, params, points, summary, figure)
+    _log(run, params, points, summary, figure, wandb_cfg or run.cfg.wandb)
     return summary
 
 
-def _log(run: TrainingRun, params: SubstitutionParams, points: pa.Table, summary: dict, figure: Path | None) -> None:
+def _log(run: TrainingRun, params: SubstitutionParams, points: pa.Table, summary: dict, figure: Path | None,
+         wandb_cfg: WandbConfig) -> None:
     """RUN/metrics/audit.jsonl and W&B: the counts, every point's score and evidence, the figure."""
     columns = ["point", "repudiable", "score", "unmatched_influence", "self_influence", "unmatched"]
-    with MetricLogger(run.run_dir, "audit", run.cfg.wandb, params.to_json(), run_name=run.cfg.name) as logger:
+    with MetricLogger(run.run_dir, "audit", wandb_cfg, params.to_json(), run_name=run.cfg.name) as logger:
         logger.table("audit/points", columns, [list(r) for r in zip(*(points.column(c).to_pylist()
                                                                        for c in columns))], histograms=["score"])
         if figure is not None:
