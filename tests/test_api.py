@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import rayforge
 import rayforge as rf
 
 API = ["train", "forge", "rebuild", "attack", "report", "audit", "export_por", "verify_por", "Recorder", "load_config"]
@@ -16,16 +17,21 @@ def test_every_stage_is_a_documented_callable():
     assert set(API) <= set(rf.__all__)
 
 
-def test_subpackages_do_not_shadow_the_functions():
-    # importing the subpackages of the same names (as every stage does) must leave the functions in place
-    from rayforge.audit import run_audit  # noqa: F401
-    from rayforge.forge import swap  # noqa: F401
+def test_subpackages_and_functions_share_their_names():
+    # importing the subpackages of the same names (as every stage does) leaves the functions in place, and every
+    # import form still reaches the subpackages
+    import rayforge.forge.driver as forge_driver
+    import rayforge.train.run
+    from rayforge.audit import run_audit
+    from rayforge.forge import swap
     from rayforge.rebuild.engine import rebuild_group  # noqa: F401
     from rayforge.report.render import write_report  # noqa: F401
-    from rayforge.train.trainer import train  # noqa: F401
 
     for name in ("train", "forge", "rebuild", "report", "audit"):
-        assert inspect.isfunction(getattr(rf, name)), name
+        obj = getattr(rf, name)
+        assert callable(obj) and inspect.signature(obj) == inspect.signature(getattr(rf.api, name)), name
+    assert rf.forge.driver is forge_driver and rf.forge.swap is swap and rf.audit.run_audit is run_audit
+    assert rayforge.train.run.TrainingRun.__name__ == "TrainingRun"
     assert rf.Recorder.__name__ == "Recorder" and inspect.isclass(rf.Recorder)
 
 

@@ -46,9 +46,10 @@ def test_image_folder_through_the_pipeline(tmp_path, ray_local):
     report = rf.verify_por(por, data_root=root, model=deployed)
     assert report.valid, report.reasons
     assert manifest["dataset"]["config"]["dataset"] == "imagefolder"
-    # without the data the verifier cannot check anything: one clear error
+    # without the data the verifier cannot check anything: one clear error (exit 2: unusable input, not refuted)
+    (tmp_path / "elsewhere").mkdir()
     result = CliRunner().invoke(main, ["verify", str(por), "--data-root", str(tmp_path / "elsewhere")])
-    assert result.exit_code == 1 and "dataset 'imagefolder' not found" in result.output
+    assert result.exit_code == 2 and "dataset 'imagefolder' not found" in result.output
 
 
 OWN_MODEL = '''
