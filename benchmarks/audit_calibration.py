@@ -78,7 +78,7 @@ def main():
 
     start = time.perf_counter()
     cfg = run.cfg
-    pop, n = attack_population(run.load_dataset(), cfg.data.flip, cfg.attack.holdout)
+    pop, n, _ = attack_population(run.load_dataset(), cfg)
     attacks = prepare_attacks(cfg, pop, ShadowSet.load(attack_root(run.run_dir) / "shadows", pop))
     original_model, _ = run.model_at(run.total_steps, run.device())
     original = score_all(attacks, original_model, pop.ids)
