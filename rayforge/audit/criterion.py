@@ -24,8 +24,8 @@ to repudiate); the point is repudiable exactly when score <= 1.
    ‖p₁ − y₁‖·dist(x̃₁, Γ̃), so unmatched >= dist(x̃₁, Γ̃)/‖x̃₁‖ with x̃ = (x, 1)). It does not decide alone: a
    point nothing can stand in for but whose gradient stays small leaves nothing an attack can see (departure
    from the theorem's exact, zero-error notion of a valid PoR; the measurements are in README "Repudiability
-   audit": on a planted run, unmatched_influence ranks attack-visible forgetting with Spearman 0.73, unmatched
-   0.58, d_θ 0.00).
+   audit": on a run with planted out-of-distribution images, the score ranks the attacks' member-score drop on
+   x* under its minimal PoR with Spearman 0.73, `unmatched` alone 0.54).
 2. Attacks (when `rayforge attack` ran): the paper's Diff criterion (Section IV-A, Table I) counts a PoR as failed
    when an attack's member prediction on x* differs between θ* and θ'. The audit departs from it in two ways:
    only a claim can be refuted, so only a flip from member (on θ*) to non-member (on θ') counts; and only when
@@ -35,8 +35,9 @@ to repudiate); the point is repudiable exactly when score <= 1.
    paper's own count stays available (summary.json "paper_diff_share").
 
 Evidence that does not decide: phase 1's grad_error/grad_norm of the point's group's forged batches
-(`forge_rel_error`) and phase 2's d_θ of its forged model: both are about the whole forged batch or model, and d_θ
-did not rank the attacks' per-point score shifts at all on the planted run (Spearman 0.00).
+(`forge_rel_error`) and phase 2's d_θ of its forged model: both are about the whole forged batch or model (on the
+planted run d_θ of phase 1's group PoRs ranks the attacks' drop on x* with Spearman 0.21, against 0.83 for minimal
+PoRs, which swap only x*).
 """
 
 from __future__ import annotations
