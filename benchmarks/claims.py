@@ -14,8 +14,9 @@
 
 PoR directories already under DIR are reused (the run is resumable). With --attacks, the attacks of the report
 (shadows trained on Ray as `rayforge attack` does, or reused from RUN/attack/shadows) score the original model θ*
-and each PoR's model θ': for exclude the excluded point (population id P), for include x* (id n + I: I must be a
-held-out point, I < attack.holdout), and for public every population point (members D and held-out points V). A
+and each PoR's model θ': for exclude the excluded point (population id P), for include x* (test point I must be one of
+the population's held-out points V, i.e. V drawn from the test split, which holds when D is the whole training
+split; otherwise the row says so), and for public every population point (members D and held-out points V). A
 PoR is MI-equivalent for an attack when the attack's membership prediction on the point does not change between
 θ* and θ' (the paper's c_A^Diff, per point); |Δ score| says by how much the score moved.
 """
@@ -108,7 +109,7 @@ def public_rows(run: TrainingRun, public: Path, out: Path, strategy: str, mu: in
 # ---------------------------------------------------------------------------------------------- MI-equivalence
 
 def _final_model(run: TrainingRun, por_dir: Path) -> torch.nn.Module:
-    model = new_model(run.cfg, run.info["shape"], torch.device("cpu"))
+    model = new_model(run.cfg, run.info["shape"], torch.device("cpu"), run.num_classes)
     load_state(read_checkpoint(por_dir / ckpt_name(run.total_steps)), model, None)
     return model.eval()
 
@@ -118,14 +119,16 @@ def mi_equivalence(run: TrainingRun, rows: list[dict], actors: int) -> None:
     from rayforge.attacks.driver import prepare_attacks, train_shadows
     from rayforge.attacks.evaluate import attack_population, score_all
 
-    pop, n = attack_population(run.load_dataset(), run.cfg.data.flip, run.cfg.attack.holdout)
+    pop, n, record = attack_population(run.load_dataset(), run.cfg)
+    heldout = record["heldout"]
+    test_ids = {int(t): n + k for k, t in enumerate(heldout["indices"])} if heldout["source"] == "test" else {}
     attacks = prepare_attacks(run.cfg, pop, train_shadows(run, pop, actors, progress=True))
     original, _ = run.model_at(run.total_steps, torch.device("cpu"))
     for row in rows:
-        if row["kind"] == "include" and n + row["test"] >= len(pop):
+        if row["kind"] == "include" and row["test"] not in test_ids:
             row["mi"] = f"test point {row['test']} is not a held-out point of the attack population"
             continue
-        ids = {"exclude": lambda: np.array([row.get("point", 0)]), "include": lambda: np.array([n + row["test"]]),
+        ids = {"exclude": lambda: np.array([row.get("point", 0)]), "include": lambda: np.array([test_ids[row["test"]]]),
                "public": lambda: pop.ids}[row["kind"]]()
         before, after = score_all(attacks, original, ids), score_all(attacks, _final_model(run, Path(row["dir"])), ids)
         members = ids < n

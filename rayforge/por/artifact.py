@@ -64,7 +64,8 @@ KIND_KEYS = {
     "public": {"kind", "seed", "public"},
 }
 INCLUDE_KEYS = {"index", "sha256", "label", "steps"}
-PUBLIC_KEYS = {"n", "sha256", "mean", "std", "steps"}
+MAX_CLASSES = 100_000
+PUBLIC_KEYS = {"n", "sha256", "mean", "std", "steps", "num_classes"}
 MAX_LABEL = 1_000_000
 DATASET_KEYS = {"config", "seed", "n", "train_sha256"}
 TRAINING_KEYS = {"model", "in_shape", "batch_size", "momentum", "weight_decay", "lr", "lr_schedule", "epochs",
@@ -161,6 +162,7 @@ class PublicData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     steps: int  # τ, a multiple of the declared epochs; every batch holds batch_size points of D_p
+    num_classes: int  # the model's (D's): D_p need not show every class, and D is never named
 
 
 @dataclass(frozen=True)
@@ -296,9 +298,16 @@ def _data_config(raw: Any, seed: int) -> DataConfig:
         raise MalformedArtifact(f"{MANIFEST}: 'dataset.config' is not a valid data config ({exc})") from None
 
 
-def _training(raw: Any) -> TrainingSpec:
-    from rayforge.models import model_names
+def _model_name(v: Any) -> str:
+    """A registered model, or `module:callable` (built by the verifier only when trusted)."""
+    from rayforge.models import is_code_reference, model_names
 
+    if type(v) is str and is_code_reference(v):
+        return v
+    return _str(v, "training.model", set(model_names()))
+
+
+def _training(raw: Any) -> TrainingSpec:
     raw = _keys(raw, TRAINING_KEYS, "training")
     shape = raw["in_shape"]
     if type(shape) is not list or len(shape) != 3:
@@ -307,7 +316,7 @@ def _training(raw: Any) -> TrainingSpec:
                 _int(shape[1], 1, MAX_SIDE, "training.in_shape[1]"),
                 _int(shape[2], 1, MAX_SIDE, "training.in_shape[2]"))
     return TrainingSpec(
-        model=_str(raw["model"], "training.model", set(model_names())),
+        model=_model_name(raw["model"]),
         in_shape=in_shape,
         batch_size=_int(raw["batch_size"], 1, MAX_POINTS, "training.batch_size"),
         momentum=_float(raw["momentum"], "training.momentum", 0.0, 1.0, hi_open=True),
@@ -389,7 +398,8 @@ def _public(raw: Any, training: TrainingSpec) -> PublicData:
     channels = training.in_shape[0]
     return PublicData(n=n, sha256=_hex64(pub["sha256"], "public.sha256"),
                       mean=_float_list(pub["mean"], "public.mean", channels, -math.inf, False),
-                      std=_float_list(pub["std"], "public.std", channels, 0.0, True), steps=steps)
+                      std=_float_list(pub["std"], "public.std", channels, 0.0, True), steps=steps,
+                      num_classes=_int(pub["num_classes"], 2, MAX_CLASSES, "public.num_classes"))
 
 
 def parse_manifest(obj: Any) -> Manifest:

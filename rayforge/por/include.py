@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from rayforge.data import ImageArrays, point_sha256, same_content
-from rayforge.data.dataset import as_trained
+from rayforge.data.dataset import prepare_points
 from rayforge.data.imagefolder import decode_image
 from rayforge.errors import RayforgeError
 from rayforge.forge.swap import both_orientations, greedy_picks, per_sample
@@ -44,7 +44,7 @@ from rayforge.progress import progress_bar
 from rayforge.train.batches import TensorData
 from rayforge.train.log import Steps
 from rayforge.train.replay import walk_trajectory
-from rayforge.train.run import NUM_CLASSES, TrainingRun, set_determinism
+from rayforge.train.run import TrainingRun, set_determinism
 
 PICKS = ("best", "random")
 STEPS_STREAM = 0x1C1D
@@ -72,10 +72,10 @@ def xstar_from_image(run: TrainingRun, path: str | Path, label: int) -> ImageArr
         raise RayforgeError(f"--include: cannot read '{path}' ({exc.strerror or exc})") from None
     pixels = decode_image(data, f"--include '{path}'")
     image = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    point = ImageArrays(np.ascontiguousarray(image[None]), np.array([_label(label)], np.int64))
+    point = ImageArrays(np.ascontiguousarray(image[None]), np.array([_label(label, run.num_classes)], np.int64))
     shape = tuple(int(d) for d in run.info["shape"])
     if point.images.shape[1:] != shape:
-        point = as_trained(run.cfg.data.dataset, point)
+        point = prepare_points(run.cfg.data.dataset, point)
     if point.images.shape[1:] != shape:
         c, h, w = image.shape
         raise RayforgeError(f"--include '{path}' is {w}x{h} with {c} channel(s); the model takes {shape[2]}x{shape[1]} "
@@ -88,14 +88,14 @@ def xstar_from_test(ds, index: int, label: int | None = None) -> ImageArrays:
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < len(ds.test):
         raise RayforgeError(f"--include-test must be an index into the test split [0, {len(ds.test)}), got {index!r}")
     point = ds.test.take(np.array([int(index)]))
-    if label is not None and _label(label) != int(point.labels[0]):
+    if label is not None and _label(label, ds.num_classes) != int(point.labels[0]):
         raise RayforgeError(f"--label {label} disagrees with test point {index}'s label {int(point.labels[0])}")
     return point
 
 
-def _label(label) -> int:
-    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < NUM_CLASSES:
-        raise RayforgeError(f"--label must be a class of the model, 0..{NUM_CLASSES - 1}, got {label!r}")
+def _label(label, num_classes: int) -> int:
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < num_classes:
+        raise RayforgeError(f"--label must be a class of the model, 0..{num_classes - 1}, got {label!r}")
     return int(label)
 
 

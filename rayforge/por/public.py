@@ -42,7 +42,7 @@ from rayforge.progress import progress_bar
 from rayforge.train.batches import TensorData
 from rayforge.train.log import Steps
 from rayforge.train.replay import walk_trajectory
-from rayforge.train.run import NUM_CLASSES, TrainingRun, set_determinism
+from rayforge.train.run import TrainingRun, set_determinism
 
 STRATEGIES = ("paper", "swap", "hybrid")
 CANDIDATE_STREAM = 0x9B1C
@@ -56,9 +56,9 @@ def check_public_input(run: TrainingRun, public: ImageArrays, strategy: str, mu:
         c, h, w = public.images.shape[1:]
         raise RayforgeError(f"the public dataset's images are {w}x{h} with {c} channel(s); the model takes "
                             f"{shape[2]}x{shape[1]} with {shape[0]}")
-    if len(public) and int(public.labels.max()) >= NUM_CLASSES:
+    if len(public) and int(public.labels.max()) >= run.num_classes:
         raise RayforgeError(f"the public dataset has {int(public.labels.max()) + 1} classes; the model knows "
-                            f"{NUM_CLASSES}")
+                            f"{run.num_classes}")
     if len(public) < b:
         raise RayforgeError(f"the public dataset has {len(public)} points, fewer than a batch of {b}")
     if strategy not in STRATEGIES:
@@ -128,7 +128,8 @@ def public_claim(run: TrainingRun, public: ImageArrays, mean, std) -> dict:
     """The kind-specific keys of a public PoR: D_p and the normalisation, the model's seed; nothing of D."""
     return {"kind": "public", "seed": int(run.cfg.seed),
             "public": {"n": len(public), "sha256": arrays_sha256(public), "mean": [float(m) for m in mean],
-                       "std": [float(s) for s in std], "steps": run.total_steps}}
+                       "std": [float(s) for s in std], "steps": run.total_steps,
+                       "num_classes": run.num_classes}}
 
 
 def export_public_por(run: TrainingRun, public_dir: str | Path, out_dir: str | Path, strategy: str = "hybrid",

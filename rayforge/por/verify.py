@@ -57,7 +57,8 @@ from rayforge.config import TrainConfig
 from rayforge.data import Dataset, ImageArrays, arrays_sha256, build_dataset, point_sha256, same_content
 from rayforge.errors import MalformedArtifact, RayforgeError, UnusableInput
 from rayforge.io import read_tensors
-from rayforge.models import build_model
+from rayforge.models import build_model, is_code_reference
+from rayforge.models.registry import UntrustedModelCode
 from rayforge.por.artifact import MANIFEST, STEPS_FILE, XSTAR_FILE, Manifest, l2_distance, model_sha256, \
     params_of, read_manifest
 from rayforge.train.batches import TensorData
@@ -236,6 +237,7 @@ class Request:
     data_root: Path | None
     model_path: str | None
     deployed: dict[str, torch.Tensor] | None  # the --model file's tensors, read before any replay
+    trust_model_code: bool = False  # build a `module:callable` model (imports and runs that code)
 
 
 def parse_selection(spec: str) -> tuple[str, int | None]:
@@ -264,7 +266,7 @@ def _readable_dir(path, name: str) -> Path:
 
 def make_request(por_dir, data_root=None, model_path=None, steps: str = "all", tol: float = DEFAULT_TOL,
                  tol_rel: float | None = None, seed: int | None = None, threads: int | None = None,
-                 device="cpu") -> Request:
+                 device="cpu", trust_model_code: bool = False) -> Request:
     """Check every argument, and read the deployed model: an unusable one fails here, before any replay."""
     por_dir = Path(por_dir)
     if not por_dir.is_dir():
@@ -281,7 +283,8 @@ def make_request(por_dir, data_root=None, model_path=None, steps: str = "all", t
         tol_rel=None if tol_rel is None else _tolerance(tol_rel, "--tol-rel"), threads=threads,
         device=torch.device(device), data_root=None if data_root is None else _readable_dir(data_root, "--data-root"),
         model_path=None if model_path is None else str(model_path),
-        deployed=None if model_path is None else read_tensors(model_path, "deployed model (--model)"))
+        deployed=None if model_path is None else read_tensors(model_path, "deployed model (--model)"),
+        trust_model_code=bool(trust_model_code))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -292,13 +295,14 @@ def _listed(values) -> str:
     return head + (f" (+{len(values) - MAX_LISTED} more)" if len(values) > MAX_LISTED else "")
 
 
-def _fresh_model(m: Manifest, device: torch.device, seed: int | None = None) -> nn.Module:
-    """The declared architecture; with `seed`, initialised as training does (`new_model`), without touching the
-    caller's RNG state."""
+def _fresh_model(m: Manifest, device: torch.device, seed: int | None = None,
+                 num_classes: int = NUM_CLASSES) -> nn.Module:
+    """The declared architecture for `num_classes` classes (the rebuilt dataset's); with `seed`, initialised as
+    training does (`new_model`), without touching the caller's RNG state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(m.seed if seed is None else seed)
         try:
-            model = build_model(m.training.model, m.training.in_shape, NUM_CLASSES)
+            model = build_model(m.training.model, m.training.in_shape, num_classes)
         except RayforgeError as exc:
             raise MalformedArtifact(f"{MANIFEST}: 'training' does not describe a buildable model ({exc})") from None
     return model.to(device)
@@ -358,7 +362,8 @@ def check_files(por_dir: Path, m: Manifest) -> tuple[set[int], list[Reason]]:
     return present, reasons
 
 
-def _same_data(m: Manifest, train: ImageArrays, n: int, sha256: str, what: str) -> tuple[bool, list[Reason]]:
+def _same_data(m: Manifest, train: ImageArrays, n: int, sha256: str, what: str,
+               num_classes: int) -> tuple[bool, list[Reason]]:
     """(whether `train` is the claimed dataset, reasons): size, content hash, input shape, labels the model has."""
     digest, reasons = arrays_sha256(train), []
     ok = len(train) == n and digest == sha256
@@ -369,18 +374,18 @@ def _same_data(m: Manifest, train: ImageArrays, n: int, sha256: str, what: str) 
         reasons.append(Reason("dataset_mismatch", f"{what} inputs are {list(train.images.shape[1:])}, the PoR "
                                                   f"declares in_shape {list(m.training.in_shape)}"))
         ok = False
-    if len(train) and not 0 <= int(train.labels.min()) <= int(train.labels.max()) < NUM_CLASSES:
+    if len(train) and not 0 <= int(train.labels.min()) <= int(train.labels.max()) < num_classes:
         reasons.append(Reason("dataset_mismatch", f"{what} labels lie outside the model's classes "
-                                                  f"0..{NUM_CLASSES - 1}"))
+                                                  f"0..{num_classes - 1}"))
         ok = False
     return ok, reasons
 
 
-def check_dataset(m: Manifest, ds: Dataset) -> tuple[bool, list[Reason]]:
+def check_dataset(m: Manifest, ds: Dataset | Source) -> tuple[bool, list[Reason]]:
     """(whether the training set is the PoR's D, reasons): size, content hash, input shape, labels; for kind
     exclude also the point's hash."""
     train = ds.train
-    ok, reasons = _same_data(m, train, m.n, m.train_sha256, "training set")
+    ok, reasons = _same_data(m, train, m.n, m.train_sha256, "training set", ds.num_classes)
     if m.kind != "exclude":
         return ok, reasons
     if not (m.point < len(train) and point_sha256(train, m.point) == m.point_sha256):
@@ -485,17 +490,17 @@ def read_xstar(por_dir: Path, m: Manifest) -> tuple[ImageArrays | None, list[Rea
     return ImageArrays(image.numpy()[None].copy(), label.numpy().copy()), []
 
 
-def check_inclusion(m: Manifest, flat: FlatLog, train: ImageArrays, xstar: ImageArrays | None) -> tuple[
-        bool, list[Reason]]:
+def check_inclusion(m: Manifest, flat: FlatLog, train: ImageArrays, xstar: ImageArrays | None,
+                    num_classes: int) -> tuple[bool, list[Reason]]:
     """(whether x* can join D for the replay, reasons): x* in exactly the claimed iterations, its carried pixels
     and label matching the claims, a label the model has, and not already in D by content."""
     inc, reasons = m.include, []
     held = np.unique(flat.steps_with(np.asarray([inc.index]))[0])
     if not np.array_equal(held, inc.steps):
+        missing, unclaimed = np.setdiff1d(inc.steps, held).tolist(), np.setdiff1d(held, inc.steps).tolist()
         reasons.append(Reason("include_steps", f"x* (index {inc.index}) must be in the batches of exactly the "
-                                               f"claimed iterations; missing from steps "
-                                               f"{_listed(np.setdiff1d(inc.steps, held).tolist()) or 'none'}, in "
-                                               f"unclaimed steps {_listed(np.setdiff1d(held, inc.steps).tolist()) or 'none'}"))
+                                               f"claimed iterations; missing from steps {_listed(missing) or 'none'}, "
+                                               f"in unclaimed steps {_listed(unclaimed) or 'none'}"))
     if xstar is None:
         return False, reasons
     label, digest = int(xstar.labels[0]), point_sha256(xstar, 0)
@@ -504,9 +509,9 @@ def check_inclusion(m: Manifest, flat: FlatLog, train: ImageArrays, xstar: Image
     if digest != inc.sha256:
         reasons.append(Reason("xstar_mismatch", f"x*'s carried image and label hash to {digest[:12]}...; the PoR "
                                                 f"claims {inc.sha256[:12]}..."))
-    if not 0 <= label < NUM_CLASSES:
+    if not 0 <= label < num_classes:
         reasons.append(Reason("xstar_mismatch", f"x*'s label {label} is not a class of the model "
-                                                f"(0..{NUM_CLASSES - 1})"))
+                                                f"(0..{num_classes - 1})"))
         return False, reasons
     twins = np.flatnonzero(same_content(train, xstar.images[0], label, mirrored=m.training.flip))
     if len(twins):
@@ -518,7 +523,7 @@ def check_inclusion(m: Manifest, flat: FlatLog, train: ImageArrays, xstar: Image
 
 def check_public(m: Manifest, public: ImageArrays) -> tuple[bool, list[Reason]]:
     """(whether the public dataset found is the PoR's D_p, reasons): size, content hash, input shape, labels."""
-    return _same_data(m, public, m.public.n, m.public.sha256, "public dataset")
+    return _same_data(m, public, m.public.n, m.public.sha256, "public dataset", m.public.num_classes)
 
 
 @dataclass
@@ -530,8 +535,8 @@ class Checkpoints:
     final: dict[str, torch.Tensor] | None = None
 
 
-def _is_initialisation(m: Manifest, tensors: dict[str, torch.Tensor]) -> bool:
-    init = _fresh_model(m, torch.device("cpu"), seed=m.seed)
+def _is_initialisation(m: Manifest, tensors: dict[str, torch.Tensor], num_classes: int = NUM_CLASSES) -> bool:
+    init = _fresh_model(m, torch.device("cpu"), seed=m.seed, num_classes=num_classes)
     expected = state_tensors(init, zero_velocity(init) if m.training.momentum else None)
     return all(torch.equal(tensors[k], v) for k, v in expected.items())
 
@@ -545,8 +550,8 @@ def _read_checkpoint(por_dir: Path, c: int, template: nn.Module, momentum: bool)
     return tensors, []
 
 
-def check_checkpoints(por_dir: Path, m: Manifest, present: set[int], template: nn.Module) -> tuple[Checkpoints,
-                                                                                                    list[Reason]]:
+def check_checkpoints(por_dir: Path, m: Manifest, present: set[int], template: nn.Module,
+                      num_classes: int = NUM_CLASSES) -> tuple[Checkpoints, list[Reason]]:
     """Every present checkpoint has exactly the declared model's tensors; checkpoint 0 is the seeded
     initialisation; the update norm of every segment whose two ends are readable. (Missing ones: `check_files`.)"""
     out, reasons, prev = Checkpoints(), [], None
@@ -562,7 +567,7 @@ def check_checkpoints(por_dir: Path, m: Manifest, present: set[int], template: n
         if prev is not None:
             out.update_norm[(prev[0], c)] = l2_distance(params, prev[1])
         prev = (c, params)
-        if c == 0 and not _is_initialisation(m, tensors):
+        if c == 0 and not _is_initialisation(m, tensors, num_classes):
             reasons.append(Reason("init", f"checkpoint 0 is not the {m.training.model} initialisation from seed "
                                           f"{m.seed} (with zero velocity)"))
         if c == m.checkpoints[-1]:
@@ -734,7 +739,7 @@ def check_claims(m: Manifest, template: nn.Module, final: dict[str, torch.Tensor
 def verify_por(por_dir: str | Path, data_root: str | Path | None = None, model_path: str | Path | None = None,
                steps: str = "all", tol: float = DEFAULT_TOL, seed: int | None = None, threads: int | None = None,
                device: str | torch.device = "cpu", tol_rel: float | None = None,
-               warn: Callable[[str], None] | None = None) -> VerifyReport:
+               warn: Callable[[str], None] | None = None, trust_model_code: bool = False) -> VerifyReport:
     """Verify the PoR in `por_dir`; see the module docstring for every check.
 
     data_root: where the dataset's files are (only there when given; else $RAYFORGE_DATA, else the download cache);
@@ -742,11 +747,14 @@ def verify_por(por_dir: str | Path, data_root: str | Path | None = None, model_p
     replay); tol: ℓ2 tolerance per replayed segment; tol_rel: also bound each segment's ℓ2 deviation by this
     fraction of its update norm; seed: for random:N (drawn and reported when None); threads: torch threads for the
     replay (default: the PoR's, capped at the local cores); warn: receives one-line warnings (default:
-    `warnings.warn`). Errors a verifier's input causes are UnusableInput or MalformedArtifact (exit 2).
+    `warnings.warn`); trust_model_code: a PoR whose model is `module:callable` (the owner's own architecture) is
+    only verified when this is set, since building it imports and runs that module. Errors a verifier's input
+    causes are UnusableInput or MalformedArtifact (exit 2).
     """
     previous_threads = torch.get_num_threads()
     try:
-        req = make_request(por_dir, data_root, model_path, steps, tol, tol_rel, seed, threads, device)
+        req = make_request(por_dir, data_root, model_path, steps, tol, tol_rel, seed, threads, device,
+                           trust_model_code)
         return _verify(req, warn or (lambda message: warnings.warn(message, stacklevel=4)))
     except RayforgeError as exc:
         if exc.exit_code == 2:
@@ -798,18 +806,19 @@ class Source:
     train: ImageArrays
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    num_classes: int  # the model's: D's classes, or as a public PoR declares them
 
 
 def load_source(m: Manifest, data_root: Path | None) -> Source:
     if m.public is None:
         ds = _load_dataset(m, data_root)
-        return Source(ds.train, ds.mean, ds.std)
+        return Source(ds.train, ds.mean, ds.std, ds.num_classes)
     if data_root is None:
         raise UnusableInput("a public-data PoR is checked against the public dataset: pass --data-root DIR, its "
                             "image folder (DIR/train/<class>/*)")
     from rayforge.data.public import load_public
 
-    return Source(load_public(data_root), m.public.mean, m.public.std)
+    return Source(load_public(data_root), m.public.mean, m.public.std, m.public.num_classes)
 
 
 def exclude_checks(por_dir: Path, m: Manifest, flat: FlatLog, src: Source):
@@ -823,7 +832,7 @@ def include_checks(por_dir: Path, m: Manifest, flat: FlatLog, src: Source):
     """D, x*, and the inclusion; the replay runs on D ∪ {x*}."""
     ok, reasons = check_dataset(m, src)
     xstar, found = read_xstar(por_dir, m)
-    usable, found_inclusion = check_inclusion(m, flat, src.train, xstar)
+    usable, found_inclusion = check_inclusion(m, flat, src.train, xstar, src.num_classes)
     points = ImageArrays(np.concatenate([src.train.images, xstar.images]),
                          np.concatenate([src.train.labels, xstar.labels])) if ok and usable else None
     return [], points, reasons + found + found_inclusion
@@ -857,7 +866,7 @@ def check_before_replay(req: Request, m: Manifest, log: Steps, src: Source, temp
     present, reasons = check_files(req.por_dir, m)
     notes, points, found = KIND_CHECKS[m.kind](req.por_dir, m, flat, src)
     bad_index_steps, found_log = check_log(m, log, flat)
-    ckpts, found_ckpts = check_checkpoints(req.por_dir, m, present, template)
+    ckpts, found_ckpts = check_checkpoints(req.por_dir, m, present, template, src.num_classes)
     return Findings(reasons + found + found_log + found_ckpts, notes, points, bad_index_steps, ckpts)
 
 
@@ -868,22 +877,35 @@ def replay_selected(req: Request, m: Manifest, log: Steps, src: Source, found: F
                 for a, b in zip(m.checkpoints, m.checkpoints[1:])]
     selected = select_segments(segments, req.kind, req.count, m.steps_per_epoch, req.seed)
     replayer = Replayer(req.por_dir, log, TensorData(found.points, src.mean, src.std, req.device),
-                        _fresh_model(m, req.device), SGDHyper(m.training.momentum, m.training.weight_decay)) \
+                        _fresh_model(m, req.device, num_classes=src.num_classes),
+                        SGDHyper(m.training.momentum, m.training.weight_decay)) \
         if found.points is not None else None
     return segments, selected, check_replay(req, m, selected, replayer, found.ckpts, len(log), found.bad_index_steps)
+
+
+def _check_model_code(m: Manifest, trusted: bool) -> list[str]:
+    """A `module:callable` model is the owner's code: refuse it unless trusted; the note saying it ran."""
+    if not is_code_reference(m.training.model):
+        return []
+    if not trusted:
+        raise UntrustedModelCode(f"the PoR's model '{m.training.model}' is code to import and run; verify it only "
+                                 f"with --trust-model-code (trust_model_code=True), with that module on the path")
+    return [f"built the model by importing and running '{m.training.model}' (trusted model code)"]
 
 
 def _verify(req: Request, warn: Callable[[str], None]) -> VerifyReport:
     t0 = time.perf_counter()
     m, log = read_manifest(req.por_dir), _read_log(req.por_dir)
+    trusted_note = _check_model_code(m, req.trust_model_code)
     threads, warning = replay_threads(m.training.threads, req.threads)
     if warning:
         warn(warning)
     set_determinism(threads)
     src = load_source(m, req.data_root)
-    template = _fresh_model(m, torch.device("cpu"))
+    template = _fresh_model(m, torch.device("cpu"), num_classes=src.num_classes)
     timing = {"dataset_s": time.perf_counter() - t0}
     found = check_before_replay(req, m, log, src, template)
+    found.notes += trusted_note
     timing["checks_s"] = time.perf_counter() - t0 - timing["dataset_s"]
     segments, selected, replay_reasons = replay_selected(req, m, log, src, found)
     timing["replay_s"] = time.perf_counter() - t0 - timing["dataset_s"] - timing["checks_s"]
@@ -897,7 +919,8 @@ def _verify(req: Request, warn: Callable[[str], None]) -> VerifyReport:
         por_dir=str(req.por_dir), valid=not reasons, reasons=reasons, notes=found.notes,
         unchecked=[] if req.deployed is not None else list(UNCHECKED_WITHOUT_MODEL), kind=m.kind,
         point=m.include.index if m.include is not None else m.point,
-        excluded=[] if m.excluded is None else [int(i) for i in m.excluded], selection="all" if req.kind == "all" else f"{req.kind}:{req.count}",
+        excluded=[] if m.excluded is None else [int(i) for i in m.excluded],
+        selection="all" if req.kind == "all" else f"{req.kind}:{req.count}",
         seed=req.seed if req.kind == "random" else None, tol=req.tol, tol_rel=req.tol_rel,
         velocity_tol=velocity_tolerance(m, req.tol), threads=threads or torch.get_num_threads(),
         trained_threads=m.training.threads, device=str(req.device), segments_total=len(segments), segments=selected,

@@ -6,14 +6,16 @@ from pathlib import Path
 
 import numpy as np
 
+from rayforge.audit.figure import audit_report
 from rayforge.config import WandbConfig
 from rayforge.io import atomic_write, atomic_write_json, atomic_write_text
 from rayforge.report.metrics import compute_metrics
 from rayforge.tracking import MetricLogger
 from rayforge.train.run import TrainingRun
 
-ATTACK_TITLES = {"lira": "LiRA", "enhanced": "EnhancedMIA", "mentr": "MEntr", "xent": "Xent", "mida": "MIDA"}
-ORDER = ["lira", "enhanced", "mentr", "xent", "mida"]
+ATTACK_TITLES = {"lira": "LiRA", "enhanced": "EnhancedMIA", "enhanced_ref": "EnhancedMIA-R", "mentr": "MEntr",
+                 "xent": "Xent", "mida": "MIDA"}
+ORDER = ["lira", "enhanced", "enhanced_ref", "mentr", "xent", "mida"]
 
 
 def tables_md(metrics: dict) -> str:
@@ -92,7 +94,7 @@ def write_report(run_dir: str | Path, strategy: str = "paper", wandb_cfg: WandbC
     out = Path(run_dir) / "report"
     out.mkdir(exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_text(out / "tables.md", tables_md(metrics))
+    atomic_write_text(out / "tables.md", tables_md(metrics) + audit_report(run_dir))  # "" until `rayforge audit`
     s = metrics["setting"]
     paths = figures(figs, out, f"{s['dataset']} {s['model']} λ={s['lam']}")
     run = TrainingRun.open(run_dir)

@@ -38,6 +38,7 @@ def test_public_por_exports_and_verifies_without_d(public_por, tmp_path, monkeyp
     assert run.info["train_sha256"] not in text and "synthetic" not in text  # nothing names D
     public = load_public(public_por["public"])
     assert m["public"]["n"] == N_PUBLIC and m["public"]["sha256"] == arrays_sha256(public)
+    assert m["public"]["num_classes"] == run.num_classes  # the model's classes, which D_p need not all show
     steps = read_steps(public_por["por"] / "steps.parquet")
     assert len(steps) == run.total_steps and all(len(b) == 10 and b.max() < N_PUBLIC for b in steps.batch)
     assert sorted(p.name for p in public_por["por"].iterdir()) == sorted(
@@ -93,6 +94,14 @@ def test_a_public_index_changed(public_por, tmp_path):
     assert "index_out_of_range" in _codes(report)
     assert f"indices outside [0, {N_PUBLIC}) at steps 7" in next(str(r) for r in report.reasons
                                                                  if r.code == "index_out_of_range")
+
+
+def test_another_class_count_is_refused(public_por, tmp_path):
+    # the model's classes come from the manifest (D_p need not show them all): another count builds another model
+    por = copy_por(public_por, tmp_path)
+    edit_manifest(por, lambda m: m["public"].update(num_classes=7))
+    report = verify_por(por, data_root=public_por["public"])
+    assert not report.valid and "bad_checkpoint" in _codes(report)
 
 
 def test_a_short_batch_and_another_public_dataset(public_por, tmp_path):
