@@ -21,7 +21,7 @@ import torch
 from rayforge.config import Config
 from rayforge.errors import MalformedArtifact, RayforgeError
 from rayforge.forge import algorithm2, swap
-from rayforge.forge.fastgrad import make_gradient_evaluator
+from rayforge.forge.fastgrad import GroupedGradients, make_gradient_evaluator
 from rayforge.forge.gradients import flatten
 from rayforge.forge.splits import Splits, check_split_params, sample_points
 from rayforge.forge.twins import Twins
@@ -39,9 +39,11 @@ FORGED_SCHEMA = pa.schema([
     ("grad_norm", pa.float64()),
 ])
 
-# strategy name -> fn(ctx, params, step, parts, target_grad, point_parts) -> [ForgedBatch per part]
+# strategy name -> fn(ctx, params, step, parts, target_grad, point_parts, records) -> [ForgedBatch per part];
+# records: the original step's per-sample factors (hook path) for the strategies in REUSE_STEP, else None
 STRATEGIES: dict[str, Callable] = {"paper": algorithm2.forge_parts, "swap": swap.forge_parts,
                                    "hybrid": swap.forge_parts_hybrid}
+REUSE_STEP = {"swap", "hybrid"}
 
 
 def register_strategy(name: str):
@@ -107,6 +109,7 @@ class ForgeContext:
         self.hyper = hyper_of(run.cfg)
         self.splits = Splits(len(self.data), params.lam, params.kappa, params.seed)
         self.grads = None  # the candidate-gradient evaluator, built from the first model seen
+        self.reuse_step = False  # the strategy takes the training step's per-sample factors (hook path)
         self.swap_cache: dict = {}  # strategy swap: its eval-mode model copy for BatchNorm per-sample gradients
         self.strategy = STRATEGIES[params.strategy]
         self.needed = needed_parts(self.splits, run.steps, params.points)
@@ -119,6 +122,7 @@ class ForgeContext:
     def gradient_evaluator(self, model):
         if self.grads is None:  # parameters are passed functionally, so one copy serves every θ
             self.grads = make_gradient_evaluator(model, self.params.chunk, self.params.grad_method)
+            self.reuse_step = self.params.strategy in REUSE_STEP and isinstance(self.grads, GroupedGradients)
             self.swap_model = copy.deepcopy(model)  # per-sample gradients (swap) hook a copy of their own
         return self.grads
 
@@ -166,15 +170,19 @@ def forge_unit(ctx: ForgeContext, start: int, stop: int, parts) -> dict:
     cols = {name: [] for name in FORGED_SCHEMA.names}
     for t in range(start, stop):
         x, y = ctx.data.batch(ctx.steps.batch[t], ctx.steps.flip[t])
-        _, g = loss_and_grads(model, x, y)  # grad^(t) at θ^(t) with the original flips (Alg. 3 line 5)
         todo = parts if ctx.needed is None else [k for k in parts if k in ctx.needed[t]]  # sampling: only used ones
+        records = None  # grad^(t) at θ^(t) with the original flips (Alg. 3 line 5); the same bits either way
+        if todo and ctx.reuse_step:
+            g, records = ctx.grads.training_step(model, x, y)
+        else:
+            _, g = loss_and_grads(model, x, y)
         if todo:
             target = flatten(g)
             params = dict(model.named_parameters())
             with torch.no_grad():
                 full = target + wd * flatten(params.values()) if wd else target
                 grad_norm = float(torch.linalg.vector_norm(full))
-            forged = ctx.strategy(ctx, params, t, todo, target, ctx.splits.point_parts(t))
+            forged = ctx.strategy(ctx, params, t, todo, target, ctx.splits.point_parts(t), records)
             evals += sum(f.grad_evals for f in forged)
             for part, f in zip(todo, forged):
                 for name, value in (("step", t), ("part", part), ("batch", f.batch), ("flip", f.flip),

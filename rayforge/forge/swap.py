@@ -2,15 +2,22 @@
 
 For part k at step t the forged batch starts as B_t with its flips; the members of B_t in D_k (the "removed", R)
 must go. With per-sample gradients g_i (the batch gradient is their mean), the gradient error of swapping R for
-picks S is ‖Σ_S g_j − Σ_R g_i‖ / b, so we greedily pick, from a seeded pool of allowed points (and, when training
-used flips, both orientations of each), the one that best reduces the residual r = Σ_R g_i − Σ_picks g_j:
+picks S is ‖Σ_S g_j − Σ_R g_i‖ / b. From a seeded pool of allowed points (and, when training used flips, both
+orientations of each) we pick greedily, then improve the picks by exchanges, all on the Gram matrix of the
+per-sample gradients (r = Σ_R g_i − Σ_picks g_j):
 
-    repeat |R| times:  j* = argmin_j ‖r − g_j‖²  over unused pool entries;  r ← r − g_j*
+    greedy    repeat |R| times:  j* = argmin_j ‖r − g_j‖²  over unused pool entries;  r ← r − g_j*
+    exchange  while some (pick i, unused entry j) gives ‖r + g_i − g_j‖² < ‖r‖²: swap the best such pair
 
-The pool is drawn once per step (shared by all parts: one per-sample gradient pass) and filtered per part to
-D \\ D_k minus the batch. `grad_error` is then recomputed exactly as a batch gradient. For BatchNorm models the
-per-sample gradients (taken in eval mode) do not add up to the batch gradient, so `SHORTLIST` greedy variants
-(different first picks) are re-ranked by their exact batch gradients.
+The pool is drawn once per step and shared by all parts (one per-sample pass and one Gram matrix per step),
+filtered per part to D \\ D_k minus the batch.
+
+Models without BatchNorm (the hook path, `rayforge.forge.fastgrad`): the batch's per-sample factors come from the
+original training step itself (`GroupedGradients.training_step`, the same gradient bits), the pool's from one
+forward+backward, the Gram matrix by ghost products (per-sample gradients of large layers are never formed), and
+`grad_error` is exact from the per-sample sums: ‖Σ_S g_j − Σ_R g_i‖/b is the batch-gradient difference (no second
+batch-gradient pass). BatchNorm models: per-sample gradients (taken in eval mode) do not add up to the batch
+gradient, so `SHORTLIST` greedy variants (different first picks) are re-ranked by their exact batch gradients.
 
 `hybrid` takes, per part, the better of the paper's μ candidates and the swap batch.
 """
@@ -32,6 +39,7 @@ from rayforge.forge.fastgrad import hooks_supported, per_sample_gradients
 
 POOL_STREAM = 0x5A4B
 SHORTLIST = 4  # greedy variants re-ranked exactly, BatchNorm models only
+EXCHANGE_ROUNDS = 4  # exchange passes allowed per pick (each pass takes the single best exchange)
 
 
 def per_sample(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -51,27 +59,64 @@ def per_sample(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch
     return torch.cat([v.reshape(len(y), -1) for v in g.values()], dim=1)
 
 
-def greedy_picks(pool_grads: torch.Tensor, pool_points: np.ndarray, residual: torch.Tensor, count: int,
-                 first: int | None = None, gram: torch.Tensor | None = None) -> list[int]:
-    """Rows of the pool chosen greedily to cancel `residual`; a point is used once (either orientation).
-    `first` forces the first pick (shortlist variants); `gram` (pool_grads @ pool_gradsᵀ, shared by the parts of a
-    step) saves a matrix-vector product per pick."""
-    norms = gram.diagonal().clone() if gram is not None else (pool_grads * pool_grads).sum(1)
-    dots = pool_grads @ residual
-    available = torch.ones(len(pool_points), dtype=torch.bool)
-    r_sq = float(residual @ residual)
+# ------------------------------------------------------------------------------------------ matching on a Gram
+
+def greedy_picks(gram: np.ndarray, dots: np.ndarray, r_sq: float, points: np.ndarray, count: int,
+                 first: int | None = None) -> tuple[list[int], float]:
+    """Rows of the pool chosen greedily to cancel a residual r, from the pool's Gram matrix `gram` (P, P),
+    `dots` = g_j·r (P,) and r_sq = ‖r‖² (float64 NumPy: small arrays, many steps); a point is used once (either
+    orientation). `first` forces the first pick (shortlist variants). Returns the picks and ‖r − Σ picks‖²."""
+    norms = np.diagonal(gram)
+    cost = norms - 2 * dots  # ‖r − g_j‖² − ‖r‖²
     picks = []
-    for i in range(min(count, len(np.unique(pool_points)))):
-        # ‖r − g_j‖² = ‖r‖² − 2 r·g_j + ‖g_j‖²
-        cost = torch.where(available, r_sq - 2 * dots + norms, torch.full_like(norms, float("inf")))
-        j = first if (i == 0 and first is not None) else int(torch.argmin(cost))
+    for i in range(min(count, len(np.unique(points)))):
+        j = first if (i == 0 and first is not None) else int(np.argmin(cost))
         picks.append(j)
-        g = None if gram is not None else pool_grads[j]
-        r_sq = r_sq - 2 * float(dots[j]) + float(norms[j])
-        dots -= gram[:, j] if gram is not None else pool_grads @ g
-        available &= torch.as_tensor(pool_points != pool_points[j])
+        r_sq += float(cost[j])
+        cost = cost + 2 * gram[:, j]  # r ← r − g_j
+        cost[points == points[j]] = np.inf
+    return picks, r_sq
+
+
+def exchange_picks(gram: np.ndarray, dots: np.ndarray, r_sq: float, points: np.ndarray, picks: list[int],
+                   rounds: int) -> tuple[list[int], float]:
+    """Local search after the greedy: repeatedly swap the (pick i, unused entry j) pair that most reduces
+    ‖r + g_i − g_j‖² = ‖r‖² + ‖g_i‖² + ‖g_j‖² − 2 g_i·g_j + 2 r·g_i − 2 r·g_j (r the residual after the picks;
+    `dots` and `r_sq` here are those of the ORIGINAL residual, as for `greedy_picks`). At most `rounds` swaps;
+    returns the picks and ‖r − Σ picks‖²."""
+    picks = list(picks)
+    if not picks:
+        return picks, r_sq
+    norms = np.diagonal(gram)
+    sel = np.asarray(picks)
+    r_sq = r_sq - 2 * float(dots[sel].sum()) + float(gram[np.ix_(sel, sel)].sum())
+    dots = dots - gram[:, sel].sum(1)  # g·(r − Σ picks)
+    for _ in range(rounds):
+        sel = np.asarray(picks)
+        unused = ~np.isin(points, points[sel])  # entries whose point no pick uses
+        valid = unused[None, :] | (points[None, :] == points[sel][:, None])  # or pick i's other orientation
+        valid[:, sel] = False
+        cost = (norms[sel, None] + 2 * dots[sel, None]) + (norms - 2 * dots)[None, :] - 2 * gram[sel]
+        cost[~valid] = np.inf
+        i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
+        gain = float(cost[i, j])
+        if not gain < -1e-12 * max(r_sq, 1e-300):  # no exchange improves (beyond rounding): a local optimum
+            break
+        r_sq += gain
+        dots = dots + gram[:, picks[i]] - gram[:, j]
+        picks[i] = int(j)
+    return picks, r_sq
+
+
+def match(gram: torch.Tensor, dots: torch.Tensor, r_sq: float, points: np.ndarray, count: int,
+          first: int | None = None) -> list[int]:
+    """Greedy picks, then exchanges (`EXCHANGE_ROUNDS` per pick at most)."""
+    picks, _ = greedy_picks(gram, dots, r_sq, points, count, first)
+    picks, _ = exchange_picks(gram, dots, r_sq, points, picks, EXCHANGE_ROUNDS * count)
     return picks
 
+
+# ------------------------------------------------------------------------------------------------- the pool
 
 def draw_pool(ctx, step: int) -> np.ndarray:
     """The step's pool of candidate substitutes, shared by all parts (seeded by (seed, step))."""
@@ -80,27 +125,130 @@ def draw_pool(ctx, step: int) -> np.ndarray:
     return np.sort(rng.choice(len(ctx.data), size=size, replace=False))
 
 
-def swap_batch(ctx, model, params, target: torch.Tensor, batch: np.ndarray, flips: np.ndarray,
-               remove: np.ndarray, pool: np.ndarray, pool_flips: np.ndarray, pool_grads: torch.Tensor,
-               removed_grads: torch.Tensor, gram: torch.Tensor | None = None) -> ForgedBatch:
-    """Replace batch[remove] by greedy picks from the pool; exact grad_error of the result."""
-    if not remove.any():
-        return ForgedBatch(batch.astype(np.int32), flips.copy(), 0.0, 0)  # nothing of D_k in B_t: B_t itself
+def with_flips(points: np.ndarray, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Pool entries: each point, and with flips also its mirror image."""
+    if not flip:
+        return points, np.zeros(len(points), bool)
+    return np.concatenate([points, points]), np.concatenate([np.zeros(len(points), bool), np.ones(len(points), bool)])
+
+
+def top_up(ctx, step: int, part: int, allowed: np.ndarray, taken: np.ndarray, short: int):
+    """A small pool left too few allowed points: extra entries from D \\ D_k, seeded per (step, part)."""
+    spare = np.setdiff1d(allowed, taken)
+    extra = np.sort(np.random.default_rng([ctx.seed, POOL_STREAM, step, part]).choice(
+        spare, size=min(short, len(spare)), replace=False))
+    return with_flips(extra, ctx.flip)
+
+
+def _replaced(batch, flips, remove, idx, fl):
+    new_batch, new_flips = batch.copy(), flips.copy()
+    slots = np.flatnonzero(remove)[:len(idx)]
+    new_batch[slots], new_flips[slots] = idx, fl
+    return new_batch, new_flips
+
+
+# ----------------------------------------------------------------------------------------------- the strategy
+
+def forge_parts(ctx, params: dict[str, torch.Tensor], step: int, parts: list[int], target: torch.Tensor,
+                point_parts: np.ndarray, records=None) -> list[ForgedBatch]:
+    """Strategy `swap` at one step, every part in `parts`. `records`: the original step's per-sample factors
+    (hook path), else None (BatchNorm models)."""
+    batch = np.asarray(ctx.steps.batch[step], dtype=np.int64)
+    flips = np.asarray(ctx.steps.flip[step], dtype=bool)
+    pool = draw_pool(ctx, step)
+    pool_idx, pool_flips = with_flips(pool[~np.isin(pool, batch)], ctx.flip)
+    if records is not None:
+        out = _forge_parts_factored(ctx, params, step, parts, point_parts, records, batch, flips, pool_idx,
+                                    pool_flips)
+        charged = len(pool_idx) / len(batch)  # the batch's factors came with the training step
+    else:
+        out = _forge_parts_materialised(ctx, params, step, parts, target, point_parts, batch, flips, pool_idx,
+                                        pool_flips)
+        charged = (len(batch) + len(pool_idx)) / len(batch)
+    # The shared per-sample pass, in minibatch units, is charged to the step's first part.
+    if out:
+        out[0] = dataclasses.replace(out[0], grad_evals=out[0].grad_evals + charged)
+    return out
+
+
+def _forge_parts_factored(ctx, params, step, parts, point_parts, records, batch, flips, pool_idx, pool_flips):
+    """Hook path: Gram by ghost products, exact grad_error from per-sample sums."""
+    b = len(batch)
+    x, y = ctx.data.batch(pool_idx, pool_flips)
+    passes = [records, ctx.grads.records(params, x, y, 1.0 / b)]  # both in units of the mean loss: g/b
+    samples = ctx.grads.sample_gradients(passes, params)
+    gram = samples.gram().double().cpu().numpy()
+    out = []
+    for k in parts:
+        allowed = ctx.allowed_points(point_parts, k)
+        remove = ~np.isin(batch, allowed)  # B_t ∩ D_k (and content twins of D_k)
+        if not remove.any():
+            out.append(ForgedBatch(batch.astype(np.int32), flips.copy(), 0.0, 0))  # nothing of D_k in B_t
+            continue
+        ok = np.flatnonzero(np.isin(pool_idx, allowed))
+        cand_idx, cand_flips, k_samples, k_gram, cand = pool_idx[ok], pool_flips[ok], samples, gram, ok + b
+        short = int(remove.sum()) - len(np.unique(cand_idx))
+        if short > 0:
+            e_idx, e_flips = top_up(ctx, step, k, allowed, np.concatenate([batch, cand_idx]), short)
+            ex, ey = ctx.data.batch(e_idx, e_flips)
+            k_samples = ctx.grads.sample_gradients(passes + [ctx.grads.records(params, ex, ey, 1.0 / b)], params)
+            k_gram = k_samples.gram().double().cpu().numpy()
+            cand = np.concatenate([cand, b + len(pool_idx) + np.arange(len(e_idx))])
+            cand_idx, cand_flips = np.concatenate([cand_idx, e_idx]), np.concatenate([cand_flips, e_flips])
+        out.append(_swap_factored(k_samples, k_gram, batch, flips, remove, cand, cand_idx, cand_flips))
+    return out
+
+
+def _swap_factored(samples, gram, batch, flips, remove, cand, cand_idx, cand_flips) -> ForgedBatch:
     count = int(remove.sum())
-    if len(np.unique(pool)) < count:
+    if len(np.unique(cand_idx)) < count:
         raise RayforgeError(f"swap: D \\ D_k has fewer than the {count} points needed to replace B_t ∩ D_k")
-    residual = removed_grads.sum(0)
-    starts = [None]
-    if not hooks_supported(model) and len(pool) > 1:  # BatchNorm: a short list of variants, re-ranked exactly
-        first_cost = (pool_grads * pool_grads).sum(1) - 2 * (pool_grads @ residual)
-        starts = [int(j) for j in torch.argsort(first_cost)[:SHORTLIST]]
-    variants = []
-    for first in starts:
-        picks = greedy_picks(pool_grads, pool, residual, count, first, gram)
-        new_batch, new_flips = batch.copy(), flips.copy()
-        slots = np.flatnonzero(remove)[:len(picks)]
-        new_batch[slots], new_flips[slots] = pool[picks], pool_flips[picks]
-        variants.append((new_batch, new_flips))
+    removed = np.flatnonzero(remove)
+    picks = match(gram[np.ix_(cand, cand)], gram[np.ix_(cand, removed)].sum(1),
+                  float(gram[np.ix_(removed, removed)].sum()), cand_idx, count)
+    sums = samples.sums(torch.as_tensor(np.stack([cand[picks], removed])))  # exact: Σ_S g/b and Σ_R g/b
+    error = float(torch.linalg.vector_norm(sums[0] - sums[1]))
+    new_batch, new_flips = _replaced(batch, flips, remove, cand_idx[picks], cand_flips[picks])
+    return ForgedBatch(new_batch.astype(np.int32), new_flips, error, 0)
+
+
+def _forge_parts_materialised(ctx, params, step, parts, target, point_parts, batch, flips, pool_idx, pool_flips):
+    """BatchNorm models: eval-mode per-sample gradients, shortlist variants re-ranked by exact batch gradients."""
+    x, y = ctx.data.batch(np.concatenate([batch, pool_idx]), np.concatenate([flips, pool_flips]))
+    grads = per_sample(ctx.swap_model, params, x, y, ctx.swap_cache)
+    gram = (grads @ grads.T).double().cpu().numpy()  # one matrix product per step serves every part's picks
+    b, out = len(batch), []
+    for k in parts:
+        allowed = ctx.allowed_points(point_parts, k)
+        remove = ~np.isin(batch, allowed)
+        if not remove.any():
+            out.append(ForgedBatch(batch.astype(np.int32), flips.copy(), 0.0, 0))
+            continue
+        ok = np.flatnonzero(np.isin(pool_idx, allowed))
+        cand_idx, cand_flips, k_grads, cand = pool_idx[ok], pool_flips[ok], grads, ok + b
+        k_gram = gram
+        short = int(remove.sum()) - len(np.unique(cand_idx))
+        if short > 0:
+            e_idx, e_flips = top_up(ctx, step, k, allowed, np.concatenate([batch, cand_idx]), short)
+            k_grads = torch.cat([grads, per_sample(ctx.swap_model, params, *ctx.data.batch(e_idx, e_flips),
+                                                   ctx.swap_cache)])
+            k_gram = (k_grads @ k_grads.T).double().cpu().numpy()
+            cand = np.concatenate([cand, len(grads) + np.arange(len(e_idx))])
+            cand_idx, cand_flips = np.concatenate([cand_idx, e_idx]), np.concatenate([cand_flips, e_flips])
+        out.append(_swap_shortlisted(ctx, params, target, k_gram, batch, flips, remove, cand, cand_idx, cand_flips))
+    return out
+
+
+def _swap_shortlisted(ctx, params, target, gram, batch, flips, remove, cand, cand_idx, cand_flips) -> ForgedBatch:
+    count = int(remove.sum())
+    if len(np.unique(cand_idx)) < count:
+        raise RayforgeError(f"swap: D \\ D_k has fewer than the {count} points needed to replace B_t ∩ D_k")
+    removed = np.flatnonzero(remove)
+    pool_gram, dots = gram[np.ix_(cand, cand)], gram[np.ix_(cand, removed)].sum(1)
+    r_sq = float(gram[np.ix_(removed, removed)].sum())
+    starts = [int(j) for j in np.argsort(np.diagonal(pool_gram) - 2 * dots, kind="stable")[:SHORTLIST]]
+    variants = [_replaced(batch, flips, remove, cand_idx[p], cand_flips[p])
+                for p in (match(pool_gram, dots, r_sq, cand_idx, count, first) for first in starts)]
     idx = np.stack([v[0] for v in variants]).astype(np.int64)
     fl = np.stack([v[1] for v in variants])
     dist = ctx.grads.distances(params, ctx.data, idx, fl, target)
@@ -108,52 +256,10 @@ def swap_batch(ctx, model, params, target: torch.Tensor, batch: np.ndarray, flip
     return ForgedBatch(idx[best].astype(np.int32), fl[best].copy(), float(dist[best]), len(variants))
 
 
-def forge_parts(ctx, params: dict[str, torch.Tensor], step: int, parts: list[int], target: torch.Tensor,
-                point_parts: np.ndarray) -> list[ForgedBatch]:
-    """Strategy `swap` at one step, every part in `parts`."""
-    model = ctx.swap_model
-    batch = np.asarray(ctx.steps.batch[step], dtype=np.int64)
-    flips = np.asarray(ctx.steps.flip[step], dtype=bool)
-    pool = draw_pool(ctx, step)
-    pool = pool[~np.isin(pool, batch)]
-    pool_idx = np.concatenate([pool, pool]) if ctx.flip else pool
-    pool_flips = np.concatenate([np.zeros(len(pool), bool), np.ones(len(pool), bool)]) if ctx.flip \
-        else np.zeros(len(pool), bool)
-    x, y = ctx.data.batch(np.concatenate([batch, pool_idx]), np.concatenate([flips, pool_flips]))
-    cache = ctx.swap_cache
-    grads = per_sample(model, params, x, y, cache)
-    batch_grads, pool_grads = grads[:len(batch)], grads[len(batch):]
-    gram = pool_grads @ pool_grads.T  # one matrix product per step serves every part's greedy picks
-    out = []
-    for k in parts:
-        allowed = ctx.allowed_points(point_parts, k)
-        remove = ~np.isin(batch, allowed)  # B_t ∩ D_k (and content twins of D_k)
-        ok = np.isin(pool_idx, allowed)
-        keep = torch.as_tensor(ok)
-        k_idx, k_flips, k_grads, k_gram = pool_idx[ok], pool_flips[ok], pool_grads[keep], gram[keep][:, keep]
-        short = int(remove.sum()) - len(np.unique(k_idx))
-        if short > 0:  # a small pool left too few allowed points: top it up from D \ D_k, seeded per (step, part)
-            spare = np.setdiff1d(allowed, np.concatenate([batch, k_idx]))
-            extra = np.sort(np.random.default_rng([ctx.seed, POOL_STREAM, step, k]).choice(
-                spare, size=min(short, len(spare)), replace=False))
-            e_idx = np.concatenate([extra, extra]) if ctx.flip else extra
-            e_flips = np.concatenate([np.zeros(len(extra), bool), np.ones(len(extra), bool)]) if ctx.flip \
-                else np.zeros(len(extra), bool)
-            ex, ey = ctx.data.batch(e_idx, e_flips)
-            k_idx, k_flips = np.concatenate([k_idx, e_idx]), np.concatenate([k_flips, e_flips])
-            k_grads = torch.cat([k_grads, per_sample(model, params, ex, ey, cache)])
-            k_gram = None  # rare: the greedy computes its products directly
-        out.append(swap_batch(ctx, model, params, target, batch, flips, remove, k_idx, k_flips, k_grads,
-                              batch_grads[torch.as_tensor(remove)], k_gram))
-    # The shared per-sample pass, in minibatch units, is charged to the step's first part.
-    if out:
-        out[0] = dataclasses.replace(out[0], grad_evals=out[0].grad_evals + len(y) / len(batch))
-    return out
-
-
-def forge_parts_hybrid(ctx, params, step: int, parts: list[int], target, point_parts) -> list[ForgedBatch]:
+def forge_parts_hybrid(ctx, params, step: int, parts: list[int], target, point_parts,
+                       records=None) -> list[ForgedBatch]:
     """Strategy `hybrid`: per part, the better of the paper's best-of-μ and the swap batch."""
     paper = algorithm2.forge_parts(ctx, params, step, parts, target, point_parts)
-    swap = forge_parts(ctx, params, step, parts, target, point_parts)
+    swap = forge_parts(ctx, params, step, parts, target, point_parts, records)
     return [dataclasses.replace(s if s.grad_error <= p.grad_error else p, grad_evals=p.grad_evals + s.grad_evals)
             for p, s in zip(paper, swap)]

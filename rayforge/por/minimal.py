@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from rayforge.errors import RayforgeError
-from rayforge.forge.swap import greedy_picks, per_sample
+from rayforge.forge.swap import per_sample
 from rayforge.forge.twins import Twins
 from rayforge.por.export import write_por
 from rayforge.train.log import Steps
@@ -60,7 +60,7 @@ def minimal_forged_log(run: TrainingRun, point: int, pool_size: int = DEFAULT_PO
             slot = int(np.flatnonzero(batch == point)[0])
             xs, ys = data.batch(np.concatenate([[point], pool_idx]), np.concatenate([[flip[slot]], pool_flips]))
             grads = per_sample(hook_model, dict(model.named_parameters()), xs, ys, cache)
-            [pick] = greedy_picks(grads[1:], pool_idx, grads[0], 1)
+            pick = int(torch.argmin(((grads[1:] - grads[0]) ** 2).sum(1)))  # the greedy rule, for one pick
             batch, flip = batch.copy(), flip.copy()
             batch[slot], flip[slot] = pool_idx[pick], pool_flips[pick]
             batches[t], flips[t] = batch, flip

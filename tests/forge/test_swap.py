@@ -9,19 +9,39 @@ import torch
 from rayforge.forge.engine import ForgeContext, ForgeParams, forge_unit
 from rayforge.forge.fastgrad import per_sample_gradients
 from rayforge.forge.splits import Splits
-from rayforge.forge.swap import greedy_picks
+from rayforge.forge.swap import exchange_picks, greedy_picks
 from rayforge.train.run import TrainingRun
 from rayforge.train.trainer import train
+
+
+def _greedy(pool, points, residual, count):
+    gram = (pool @ pool.T).double().numpy()
+    return greedy_picks(gram, (pool @ residual).double().numpy(), float(residual @ residual), np.array(points),
+                        count)
 
 
 def test_greedy_picks_on_a_hand_checked_example():
     pool = torch.tensor([[1.0, 0.0], [3.0, 0.1], [0.0, 5.0], [2.0, 0.0]])
     # r = (3, 0): (3, 0.1) leaves (0, -0.1); then (1, 0) costs 1.01 against 4.01 for (2, 0) and 26.01 for (0, 5)
-    assert greedy_picks(pool, np.array([10, 11, 12, 13]), torch.tensor([3.0, 0.0]), 2) == [1, 0]
+    picks, r_sq = _greedy(pool, [10, 11, 12, 13], torch.tensor([3.0, 0.0]), 2)
+    assert picks == [1, 0] and r_sq == pytest.approx(1.01)
     # one point in two orientations (rows 0 and 1 are both point 7): never picked twice
-    assert greedy_picks(pool, np.array([7, 7, 12, 13]), torch.tensor([4.0, 0.1]), 2) == [1, 3]
-    # with the step's shared Gram matrix: the same picks
-    assert greedy_picks(pool, np.array([10, 11, 12, 13]), torch.tensor([3.0, 0.0]), 2, gram=pool @ pool.T) == [1, 0]
+    assert _greedy(pool, [7, 7, 12, 13], torch.tensor([4.0, 0.1]), 2)[0] == [1, 3]
+
+
+def test_exchanges_fix_a_greedy_trap():
+    """r = (2, 0): the greedy takes (1.9, 0.5) first (cost 0.26), then (1, 0), leaving (-0.9, -0.5); exchanging
+    the first pick for (1, 0.05) leaves (0, -0.05)."""
+    pool = torch.tensor([[1.9, 0.5], [1.0, 0.0], [1.0, 0.05]])
+    r = torch.tensor([2.0, 0.0])
+    gram, dots = (pool @ pool.T).double().numpy(), (pool @ r).double().numpy()
+    greedy, g_sq = greedy_picks(gram, dots, float(r @ r), np.arange(3), 2)
+    assert greedy == [0, 1] and g_sq == pytest.approx(1.06)
+    picks, r_sq = exchange_picks(gram, dots, float(r @ r), np.arange(3), greedy, 10)
+    assert sorted(picks) == [1, 2] and r_sq == pytest.approx(0.0025, abs=1e-6)
+    left = r - pool[picks].sum(0)
+    assert float(left @ left) == pytest.approx(r_sq, abs=1e-6)
+    assert exchange_picks(gram, dots, float(r @ r), np.arange(3), greedy, 0)[0] == greedy  # no rounds: unchanged
 
 
 def _unit(run, strategy, **kw):
