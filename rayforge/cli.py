@@ -106,8 +106,9 @@ def forge(run_dir, strategy, kappa, mu, lam, dsub_size, points, actors):
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--strategy", default=None, help="Phase-1 output to rebuild from (default: the config's).")
 @click.option("--actors", type=int, default=None, help="Rebuild actors (default: the config's ray.actors).")
-@click.option("--method", type=click.Choice(["sequential", "batched"]), default="sequential",
-              help="One model at a time (bit-exact with verify), or several stacked with torch.func.")
+@click.option("--method", type=click.Choice(["auto", "sequential", "batched"]), default="auto",
+              help="One model at a time (bit-exact with verify), several as one wide model, or the device's "
+                   "measured default (auto).")
 @click.option("--groups-per-unit", type=int, default=4, help="Groups per unit of work.")
 @click.option("--save-models", type=int, default=0, help="Keep the forged models of the first K groups.")
 @user_errors

@@ -10,6 +10,7 @@ number of actors.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,21 +20,20 @@ import pyarrow as pa
 
 from rayforge.config import RayConfig, WandbConfig
 from rayforge.errors import RayforgeError
-from rayforge.rebuild.engine import (DISTANCES_SCHEMA, RebuildContext, distances_table, rebuild_group,
-                                     rebuild_groups_batched)
+from rayforge.rebuild.engine import DISTANCES_SCHEMA, RebuildContext, distances_table, rebuild_unit, resolve_method
 from rayforge.stage import run_units
 from rayforge.tracking import MetricLogger
 from rayforge.train.log import state_tensors
 from rayforge.io import atomic_write_json, read_table_if_valid, save_tensors, write_parquet
 from rayforge.train.run import TrainingRun
 
-METHODS = ("sequential", "batched")
+METHODS = ("auto", "sequential", "batched")
 
 
 @dataclass(frozen=True)
 class RebuildParams:
     strategy: str = "paper"
-    method: str = "sequential"
+    method: str = "auto"  # per device: rayforge.rebuild.engine.DEFAULT_METHOD
     groups_per_unit: int = 4
     threads: int = 1
 
@@ -61,11 +61,10 @@ class RebuildWorker:
     def rebuild(self, first: int, last: int) -> dict:
         """Rebuild the groups at positions first..last-1 of the stage's group list."""
         groups = [int(g) for g in self.ctx.logs.groups[first:last]]
-        if self.params.method == "batched":
-            results = rebuild_groups_batched(self.ctx, groups)
-        else:
-            results = [rebuild_group(self.ctx, g) for g in groups]
-        out: dict[str, Any] = {"rows": [r.row for r in results], "consumed": [], "models": {}}
+        results = rebuild_unit(self.ctx, groups, self.params.method)
+        out: dict[str, Any] = {"rows": [r.row for r in results], "consumed": [], "models": {},
+                               "model_steps": sum(r.steps for r in results),
+                               "method": resolve_method(self.params.method, self.ctx.device)}
         for position, r in enumerate(results, start=first):
             g = r.row["group"]
             if self.consumer:
@@ -104,8 +103,11 @@ def run_rebuild(run_dir: str | Path, params: RebuildParams, actors: int, ray_cfg
     atomic_write_json(params_path, asdict(params))
     units = [(g, min(g + params.groups_per_unit, num_groups)) for g in range(0, num_groups, params.groups_per_unit)]
     todo = [u for u in units if _read_unit(_unit_path(out, u[0])) is None]
+    replayed = {"model_steps": 0, "method": None, "start": time.perf_counter()}
 
     def save(unit, result) -> None:
+        replayed["model_steps"] += result["model_steps"]
+        replayed["method"] = result["method"]
         for g, tensors in result["models"].items():
             save_tensors(out / "models" / f"group-{g:08d}.safetensors", tensors)
         if on_consumed:
@@ -120,7 +122,9 @@ def run_rebuild(run_dir: str | Path, params: RebuildParams, actors: int, ray_cfg
     write_parquet(out / "distances.parquet", table)
     d = table.column("d_theta").to_numpy()
     summary = {"groups": len(table), "d_theta_median": float(np.median(d)), "d_theta_p90": float(np.quantile(d, 0.9)),
-               "log10_d_theta_median": float(np.log10(np.median(d))) if np.median(d) > 0 else None}
+               "log10_d_theta_median": float(np.log10(np.median(d))) if np.median(d) > 0 else None,
+               "method": replayed["method"],  # as run by the workers of this invocation (None if nothing ran)
+               "models_steps_per_s": replayed["model_steps"] / (time.perf_counter() - replayed["start"])}
     with MetricLogger(run.run_dir, f"{stage}-{params.strategy}", wandb_cfg, asdict(params),
                       run_name=run.cfg.name) as logger:
         logger.summary(summary)
