@@ -262,6 +262,18 @@ def merge_units(out: Path, units: list[tuple[int, int, int]]) -> pa.Table:
     return table
 
 
+def forge_local(run: TrainingRun, params: ForgeParams, device: torch.device | None = None) -> pa.Table:
+    """All of phase 1 with the plain functions, in this process (no Ray), written where `rayforge forge` writes
+    it; the merged table."""
+    ctx = ForgeContext(run, params, device)
+    out = forge_dir(run.run_dir, params.strategy)
+    prepare_output(out, params)
+    units = plan_units(run.checkpoints, params.kappa, ctx.needed, params.parts_per_unit)
+    for unit in units:
+        write_parquet(unit_path(out, unit), unit_table(forge_unit(ctx, *unit)["columns"]))
+    return merge_units(out, units)
+
+
 def read_forged(path: Path, kappa: int | None = None, n_points: int | None = None) -> pa.Table:
     """Read and validate a forged table (schema, sorted unique (step, part), indices in range)."""
     path = Path(path)

@@ -39,7 +39,7 @@ from rayforge.forge.fastgrad import hooks_supported, per_sample_gradients
 
 POOL_STREAM = 0x5A4B
 SHORTLIST = 4  # greedy variants re-ranked exactly, BatchNorm models only
-EXCHANGE_ROUNDS = 4  # exchange passes allowed per pick (each pass takes the single best exchange)
+EXCHANGE_ROUNDS = 1  # exchanges allowed per slot of the batch (each takes the single best exchange)
 
 
 def per_sample(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -91,29 +91,54 @@ def exchange_picks(gram: np.ndarray, dots: np.ndarray, r_sq: float, points: np.n
     sel = np.asarray(picks)
     r_sq = r_sq - 2 * float(dots[sel].sum()) + float(gram[np.ix_(sel, sel)].sum())
     dots = dots - gram[:, sel].sum(1)  # g·(r − Σ picks)
+    ids, pid = np.unique(points, return_inverse=True)
+    twins = len(ids) < len(points)  # a point in both orientations: a pick may trade for its own mirror image
+    used = np.zeros(len(ids), bool)
+    used[pid[sel]] = True
     for _ in range(rounds):
         sel = np.asarray(picks)
-        unused = ~np.isin(points, points[sel])  # entries whose point no pick uses
-        valid = unused[None, :] | (points[None, :] == points[sel][:, None])  # or pick i's other orientation
-        valid[:, sel] = False
-        cost = (norms[sel, None] + 2 * dots[sel, None]) + (norms - 2 * dots)[None, :] - 2 * gram[sel]
-        cost[~valid] = np.inf
+        blocked = np.where(used[pid], np.inf, 0.0)
+        cost = (norms[sel] + 2 * dots[sel])[:, None] + (norms - 2 * dots + blocked)[None, :] - 2 * gram[sel]
+        if twins:
+            mirror = (pid[None, :] == pid[sel][:, None]) & ~np.isin(np.arange(len(points)), sel)[None, :]
+            cost[mirror] = ((norms[sel] + 2 * dots[sel])[:, None] + (norms - 2 * dots)[None, :] - 2 * gram[sel])[mirror]
         i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
         gain = float(cost[i, j])
         if not gain < -1e-12 * max(r_sq, 1e-300):  # no exchange improves (beyond rounding): a local optimum
             break
         r_sq += gain
-        dots = dots + gram[:, picks[i]] - gram[:, j]
+        dots += gram[:, picks[i]] - gram[:, j]
+        used[pid[picks[i]]], used[pid[j]] = False, True
         picks[i] = int(j)
     return picks, r_sq
 
 
-def match(gram: torch.Tensor, dots: torch.Tensor, r_sq: float, points: np.ndarray, count: int,
-          first: int | None = None) -> list[int]:
-    """Greedy picks, then exchanges (`EXCHANGE_ROUNDS` per pick at most)."""
-    picks, _ = greedy_picks(gram, dots, r_sq, points, count, first)
-    picks, _ = exchange_picks(gram, dots, r_sq, points, picks, EXCHANGE_ROUNDS * count)
-    return picks
+def match(gram: np.ndarray, removed: np.ndarray, kept: np.ndarray, cand: np.ndarray, points: np.ndarray,
+          first: int | None = None) -> np.ndarray:
+    """The sample rows of the forged batch. `gram` (N, N) is over all sample rows (the batch's, then the pool's),
+    `points` the point of every row; `removed`/`kept` split the batch's rows, `cand` are the allowed pool rows.
+    Greedy picks among `cand` replace `removed`; then exchanges swap any member, kept or picked, for an unused
+    candidate (a kept point may leave for a better fit), at most EXCHANGE_ROUNDS per slot of the batch."""
+    picks, _ = greedy_picks(gram[np.ix_(cand, cand)], gram[np.ix_(cand, removed)].sum(1),
+                            float(gram[np.ix_(removed, removed)].sum()), points[cand], len(removed), first)
+    entries, batch_rows = np.concatenate([kept, cand]), np.concatenate([kept, removed])
+    members = list(range(len(kept))) + [len(kept) + p for p in picks]
+    members, _ = exchange_picks(gram[np.ix_(entries, entries)], gram[np.ix_(entries, batch_rows)].sum(1),
+                                float(gram[np.ix_(batch_rows, batch_rows)].sum()), points[entries], members,
+                                EXCHANGE_ROUNDS * len(batch_rows))
+    return entries[members]
+
+
+def forged_batch(batch: np.ndarray, flips: np.ndarray, rows: np.ndarray, points: np.ndarray,
+                 row_flips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The batch whose members are `rows`: batch rows still in it keep their slots, new rows fill the freed slots
+    in order."""
+    staying = np.isin(np.arange(len(batch)), rows)
+    new_rows = rows[rows >= len(batch)]
+    new_batch, new_flips = batch.copy(), flips.copy()
+    slots = np.flatnonzero(~staying)
+    new_batch[slots], new_flips[slots] = points[new_rows], row_flips[new_rows]
+    return new_batch, new_flips
 
 
 # ------------------------------------------------------------------------------------------------- the pool
@@ -140,13 +165,6 @@ def top_up(ctx, step: int, part: int, allowed: np.ndarray, taken: np.ndarray, sh
     return with_flips(extra, ctx.flip)
 
 
-def _replaced(batch, flips, remove, idx, fl):
-    new_batch, new_flips = batch.copy(), flips.copy()
-    slots = np.flatnonzero(remove)[:len(idx)]
-    new_batch[slots], new_flips[slots] = idx, fl
-    return new_batch, new_flips
-
-
 # ----------------------------------------------------------------------------------------------- the strategy
 
 def forge_parts(ctx, params: dict[str, torch.Tensor], step: int, parts: list[int], target: torch.Tensor,
@@ -157,103 +175,107 @@ def forge_parts(ctx, params: dict[str, torch.Tensor], step: int, parts: list[int
     flips = np.asarray(ctx.steps.flip[step], dtype=bool)
     pool = draw_pool(ctx, step)
     pool_idx, pool_flips = with_flips(pool[~np.isin(pool, batch)], ctx.flip)
-    if records is not None:
-        out = _forge_parts_factored(ctx, params, step, parts, point_parts, records, batch, flips, pool_idx,
-                                    pool_flips)
-        charged = len(pool_idx) / len(batch)  # the batch's factors came with the training step
+    rows = Rows(np.concatenate([batch, pool_idx]), np.concatenate([flips, pool_flips]), len(batch))
+    if records is not None:  # the batch's factors came with the training step: only the pool's are charged
+        samples = ctx.grads.sample_gradients([records, _records(ctx, params, rows, rows.b)], params)
+        forge = _factored(ctx, params, samples)
+        charged = len(pool_idx) / len(batch)
     else:
-        out = _forge_parts_materialised(ctx, params, step, parts, target, point_parts, batch, flips, pool_idx,
-                                        pool_flips)
-        charged = (len(batch) + len(pool_idx)) / len(batch)
+        forge = _materialised(ctx, params, target, per_sample(ctx.swap_model, params, *ctx.data.batch(
+            rows.points, rows.flips), ctx.swap_cache))
+        charged = len(rows.points) / len(batch)
+    out = []
+    for k in parts:
+        allowed = ctx.allowed_points(point_parts, k)
+        remove = ~np.isin(batch, allowed)  # B_t ∩ D_k (and content twins of D_k)
+        if not remove.any():
+            out.append(ForgedBatch(batch.astype(np.int32), flips.copy(), 0.0, 0))  # nothing of D_k in B_t: B_t
+            continue
+        cand = len(batch) + np.flatnonzero(np.isin(pool_idx, allowed))
+        short = int(remove.sum()) - len(np.unique(rows.points[cand]))
+        if short > 0:  # a small pool left too few allowed points: top it up from D \ D_k, seeded per (step, part)
+            extra = top_up(ctx, step, k, allowed, np.concatenate([batch, rows.points[cand]]), short)
+            out.append(forge(rows.extended(*extra), remove, np.concatenate([cand, len(rows.points) + np.arange(
+                len(extra[0]))])))
+        else:
+            out.append(forge(rows, remove, cand))
     # The shared per-sample pass, in minibatch units, is charged to the step's first part.
     if out:
         out[0] = dataclasses.replace(out[0], grad_evals=out[0].grad_evals + charged)
     return out
 
 
-def _forge_parts_factored(ctx, params, step, parts, point_parts, records, batch, flips, pool_idx, pool_flips):
-    """Hook path: Gram by ghost products, exact grad_error from per-sample sums."""
-    b = len(batch)
-    x, y = ctx.data.batch(pool_idx, pool_flips)
-    passes = [records, ctx.grads.records(params, x, y, 1.0 / b)]  # both in units of the mean loss: g/b
-    samples = ctx.grads.sample_gradients(passes, params)
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """The samples of a step's per-sample pass: the batch's b rows, then the pool's (then a part's top-up)."""
+
+    points: np.ndarray
+    flips: np.ndarray
+    b: int
+
+    def extended(self, points, flips) -> "Rows":
+        return Rows(np.concatenate([self.points, points]), np.concatenate([self.flips, flips]), self.b)
+
+    def check(self, remove: np.ndarray, cand: np.ndarray) -> None:
+        count = int(remove.sum())
+        if len(np.unique(self.points[cand])) < count:
+            raise RayforgeError(f"swap: D \\ D_k has fewer than the {count} points needed to replace B_t ∩ D_k")
+
+    def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The forged batch whose members are `rows`."""
+        return forged_batch(self.points[:self.b], self.flips[:self.b], rows, self.points, self.flips)
+
+
+def _records(ctx, params, rows: Rows, start: int):
+    """Recorded pass over rows[start:], in units of the mean loss (g/b, as the training step's)."""
+    x, y = ctx.data.batch(rows.points[start:], rows.flips[start:])
+    return ctx.grads.records(params, x, y, 1.0 / rows.b)
+
+
+def _factored(ctx, params, samples):
+    """Hook path: Gram by ghost products, exact grad_error from per-sample sums: ‖Σ_forged g − Σ_B g‖/b."""
     gram = samples.gram().double().cpu().numpy()
-    out = []
-    for k in parts:
-        allowed = ctx.allowed_points(point_parts, k)
-        remove = ~np.isin(batch, allowed)  # B_t ∩ D_k (and content twins of D_k)
-        if not remove.any():
-            out.append(ForgedBatch(batch.astype(np.int32), flips.copy(), 0.0, 0))  # nothing of D_k in B_t
-            continue
-        ok = np.flatnonzero(np.isin(pool_idx, allowed))
-        cand_idx, cand_flips, k_samples, k_gram, cand = pool_idx[ok], pool_flips[ok], samples, gram, ok + b
-        short = int(remove.sum()) - len(np.unique(cand_idx))
-        if short > 0:
-            e_idx, e_flips = top_up(ctx, step, k, allowed, np.concatenate([batch, cand_idx]), short)
-            ex, ey = ctx.data.batch(e_idx, e_flips)
-            k_samples = ctx.grads.sample_gradients(passes + [ctx.grads.records(params, ex, ey, 1.0 / b)], params)
+
+    def forge(rows: Rows, remove: np.ndarray, cand: np.ndarray) -> ForgedBatch:
+        rows.check(remove, cand)
+        k_samples, k_gram = samples, gram
+        if len(rows.points) > samples.n:  # a top-up: its samples too
+            k_samples = ctx.grads.sample_gradients(samples.passes + [_records(ctx, params, rows, samples.n)],
+                                                   params)
             k_gram = k_samples.gram().double().cpu().numpy()
-            cand = np.concatenate([cand, b + len(pool_idx) + np.arange(len(e_idx))])
-            cand_idx, cand_flips = np.concatenate([cand_idx, e_idx]), np.concatenate([cand_flips, e_flips])
-        out.append(_swap_factored(k_samples, k_gram, batch, flips, remove, cand, cand_idx, cand_flips))
-    return out
+        members = match(k_gram, np.flatnonzero(remove), np.flatnonzero(~remove), cand, rows.points)
+        sums = k_samples.sums(torch.as_tensor(np.stack([members, np.arange(rows.b)])))
+        new_batch, new_flips = rows.batch(members)
+        return ForgedBatch(new_batch.astype(np.int32), new_flips, float(torch.linalg.vector_norm(sums[0] - sums[1])),
+                           0)
+
+    return forge
 
 
-def _swap_factored(samples, gram, batch, flips, remove, cand, cand_idx, cand_flips) -> ForgedBatch:
-    count = int(remove.sum())
-    if len(np.unique(cand_idx)) < count:
-        raise RayforgeError(f"swap: D \\ D_k has fewer than the {count} points needed to replace B_t ∩ D_k")
-    removed = np.flatnonzero(remove)
-    picks = match(gram[np.ix_(cand, cand)], gram[np.ix_(cand, removed)].sum(1),
-                  float(gram[np.ix_(removed, removed)].sum()), cand_idx, count)
-    sums = samples.sums(torch.as_tensor(np.stack([cand[picks], removed])))  # exact: Σ_S g/b and Σ_R g/b
-    error = float(torch.linalg.vector_norm(sums[0] - sums[1]))
-    new_batch, new_flips = _replaced(batch, flips, remove, cand_idx[picks], cand_flips[picks])
-    return ForgedBatch(new_batch.astype(np.int32), new_flips, error, 0)
-
-
-def _forge_parts_materialised(ctx, params, step, parts, target, point_parts, batch, flips, pool_idx, pool_flips):
-    """BatchNorm models: eval-mode per-sample gradients, shortlist variants re-ranked by exact batch gradients."""
-    x, y = ctx.data.batch(np.concatenate([batch, pool_idx]), np.concatenate([flips, pool_flips]))
-    grads = per_sample(ctx.swap_model, params, x, y, ctx.swap_cache)
+def _materialised(ctx, params, target, grads):
+    """BatchNorm models: eval-mode per-sample gradients (which do not add up to the batch gradient), so SHORTLIST
+    variants (different first picks) are re-ranked by their exact batch gradients."""
     gram = (grads @ grads.T).double().cpu().numpy()  # one matrix product per step serves every part's picks
-    b, out = len(batch), []
-    for k in parts:
-        allowed = ctx.allowed_points(point_parts, k)
-        remove = ~np.isin(batch, allowed)
-        if not remove.any():
-            out.append(ForgedBatch(batch.astype(np.int32), flips.copy(), 0.0, 0))
-            continue
-        ok = np.flatnonzero(np.isin(pool_idx, allowed))
-        cand_idx, cand_flips, k_grads, cand = pool_idx[ok], pool_flips[ok], grads, ok + b
+
+    def forge(rows: Rows, remove: np.ndarray, cand: np.ndarray) -> ForgedBatch:
+        rows.check(remove, cand)
         k_gram = gram
-        short = int(remove.sum()) - len(np.unique(cand_idx))
-        if short > 0:
-            e_idx, e_flips = top_up(ctx, step, k, allowed, np.concatenate([batch, cand_idx]), short)
-            k_grads = torch.cat([grads, per_sample(ctx.swap_model, params, *ctx.data.batch(e_idx, e_flips),
-                                                   ctx.swap_cache)])
-            k_gram = (k_grads @ k_grads.T).double().cpu().numpy()
-            cand = np.concatenate([cand, len(grads) + np.arange(len(e_idx))])
-            cand_idx, cand_flips = np.concatenate([cand_idx, e_idx]), np.concatenate([cand_flips, e_flips])
-        out.append(_swap_shortlisted(ctx, params, target, k_gram, batch, flips, remove, cand, cand_idx, cand_flips))
-    return out
+        if len(rows.points) > len(grads):  # a top-up: its per-sample gradients too
+            extra = per_sample(ctx.swap_model, params, *ctx.data.batch(rows.points[len(grads):],
+                                                                       rows.flips[len(grads):]), ctx.swap_cache)
+            full = torch.cat([grads, extra])
+            k_gram = (full @ full.T).double().cpu().numpy()
+        removed, kept = np.flatnonzero(remove), np.flatnonzero(~remove)
+        first_cost = np.diagonal(k_gram)[cand] - 2 * k_gram[np.ix_(cand, removed)].sum(1)
+        starts = [int(j) for j in np.argsort(first_cost, kind="stable")[:SHORTLIST]]
+        variants = [rows.batch(match(k_gram, removed, kept, cand, rows.points, first)) for first in starts]
+        idx = np.stack([v[0] for v in variants]).astype(np.int64)
+        fl = np.stack([v[1] for v in variants])
+        dist = ctx.grads.distances(params, ctx.data, idx, fl, target)
+        best = int(torch.argmin(dist))
+        return ForgedBatch(idx[best].astype(np.int32), fl[best].copy(), float(dist[best]), len(variants))
 
-
-def _swap_shortlisted(ctx, params, target, gram, batch, flips, remove, cand, cand_idx, cand_flips) -> ForgedBatch:
-    count = int(remove.sum())
-    if len(np.unique(cand_idx)) < count:
-        raise RayforgeError(f"swap: D \\ D_k has fewer than the {count} points needed to replace B_t ∩ D_k")
-    removed = np.flatnonzero(remove)
-    pool_gram, dots = gram[np.ix_(cand, cand)], gram[np.ix_(cand, removed)].sum(1)
-    r_sq = float(gram[np.ix_(removed, removed)].sum())
-    starts = [int(j) for j in np.argsort(np.diagonal(pool_gram) - 2 * dots, kind="stable")[:SHORTLIST]]
-    variants = [_replaced(batch, flips, remove, cand_idx[p], cand_flips[p])
-                for p in (match(pool_gram, dots, r_sq, cand_idx, count, first) for first in starts)]
-    idx = np.stack([v[0] for v in variants]).astype(np.int64)
-    fl = np.stack([v[1] for v in variants])
-    dist = ctx.grads.distances(params, ctx.data, idx, fl, target)
-    best = int(torch.argmin(dist))
-    return ForgedBatch(idx[best].astype(np.int32), fl[best].copy(), float(dist[best]), len(variants))
+    return forge
 
 
 def forge_parts_hybrid(ctx, params, step: int, parts: list[int], target, point_parts,
