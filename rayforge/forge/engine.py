@@ -70,6 +70,8 @@ class ForgeParams:
     grad_method: str = "auto"  # candidate gradients: hooks (models without BatchNorm) or vmap; see fastgrad.py
     parts_per_unit: int | None = None  # parts forged together per unit of work (default all κ: shared samples)
     pool_size: int = 256  # swap/hybrid: substitutes drawn per step (per-sample gradients, both flips if used)
+    pool_target: float = 0.0  # swap/hybrid (hook path): parts above this grad_error/grad_norm get more pool ...
+    pool_rounds: int = 0  # ... this many times at most (another pool_size each); see rayforge.forge.swap
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides) -> "ForgeParams":

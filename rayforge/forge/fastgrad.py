@@ -555,7 +555,7 @@ class SampleGradients:
     Gram matrix of the per-sample gradients and exact sums of any equal-size rows of samples."""
 
     def __init__(self, passes: list, sources: dict, params: dict[str, torch.Tensor]):
-        self.sources, self.params, self.passes = sources, params, passes
+        self.sources, self.params = sources, params
         first = passes[0]
         self.n = sum(len(p[0][1]) for p in passes)
         self.factors = [_Factor(layer, a, d, self.n) for layer, a, d in first]

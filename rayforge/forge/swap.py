@@ -38,8 +38,9 @@ from rayforge.forge.algorithm2 import ForgedBatch
 from rayforge.forge.fastgrad import hooks_supported, per_sample_gradients
 
 POOL_STREAM = 0x5A4B
+MORE_STREAM = 0x5A4C
 SHORTLIST = 4  # greedy variants re-ranked exactly, BatchNorm models only
-EXCHANGE_ROUNDS = 1  # exchanges allowed per slot of the batch (each takes the single best exchange)
+EXCHANGE_ROUNDS = 2  # exchanges allowed per removed point (each takes the single best exchange)
 
 
 def per_sample(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -95,21 +96,25 @@ def exchange_picks(gram: np.ndarray, dots: np.ndarray, r_sq: float, points: np.n
     twins = len(ids) < len(points)  # a point in both orientations: a pick may trade for its own mirror image
     used = np.zeros(len(ids), bool)
     used[pid[sel]] = True
+    rows = gram[sel]  # g_i·g_j for every pick i, kept up to date row by row
     for _ in range(rounds):
-        sel = np.asarray(picks)
-        blocked = np.where(used[pid], np.inf, 0.0)
-        cost = (norms[sel] + 2 * dots[sel])[:, None] + (norms - 2 * dots + blocked)[None, :] - 2 * gram[sel]
+        left = norms[sel] + 2 * dots[sel]  # ‖g_i‖² + 2 r·g_i
+        right = norms - 2 * dots  # ‖g_j‖² − 2 r·g_j
+        cost = rows * -2.0
+        cost += left[:, None]
+        cost += np.where(used[pid], np.inf, right)[None, :]
         if twins:
-            mirror = (pid[None, :] == pid[sel][:, None]) & ~np.isin(np.arange(len(points)), sel)[None, :]
-            cost[mirror] = ((norms[sel] + 2 * dots[sel])[:, None] + (norms - 2 * dots)[None, :] - 2 * gram[sel])[mirror]
+            mirror = (pid[None, :] == pid[sel][:, None]) & (np.arange(len(points))[None, :] != sel[:, None])
+            cost[mirror] = (left[:, None] + right[None, :] - 2 * rows)[mirror]
         i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
         gain = float(cost[i, j])
         if not gain < -1e-12 * max(r_sq, 1e-300):  # no exchange improves (beyond rounding): a local optimum
             break
         r_sq += gain
-        dots += gram[:, picks[i]] - gram[:, j]
-        used[pid[picks[i]]], used[pid[j]] = False, True
-        picks[i] = int(j)
+        dots += gram[:, sel[i]] - gram[:, j]
+        used[pid[sel[i]]], used[pid[j]] = False, True
+        sel[i], rows[i] = j, gram[j]
+    picks = [int(j) for j in sel]
     return picks, r_sq
 
 
@@ -118,14 +123,14 @@ def match(gram: np.ndarray, removed: np.ndarray, kept: np.ndarray, cand: np.ndar
     """The sample rows of the forged batch. `gram` (N, N) is over all sample rows (the batch's, then the pool's),
     `points` the point of every row; `removed`/`kept` split the batch's rows, `cand` are the allowed pool rows.
     Greedy picks among `cand` replace `removed`; then exchanges swap any member, kept or picked, for an unused
-    candidate (a kept point may leave for a better fit), at most EXCHANGE_ROUNDS per slot of the batch."""
+    candidate (a kept point may leave for a better fit), at most EXCHANGE_ROUNDS per removed point."""
     picks, _ = greedy_picks(gram[np.ix_(cand, cand)], gram[np.ix_(cand, removed)].sum(1),
                             float(gram[np.ix_(removed, removed)].sum()), points[cand], len(removed), first)
     entries, batch_rows = np.concatenate([kept, cand]), np.concatenate([kept, removed])
     members = list(range(len(kept))) + [len(kept) + p for p in picks]
     members, _ = exchange_picks(gram[np.ix_(entries, entries)], gram[np.ix_(entries, batch_rows)].sum(1),
                                 float(gram[np.ix_(batch_rows, batch_rows)].sum()), points[entries], members,
-                                EXCHANGE_ROUNDS * len(batch_rows))
+                                EXCHANGE_ROUNDS * len(removed))
     return entries[members]
 
 
@@ -165,44 +170,67 @@ def top_up(ctx, step: int, part: int, allowed: np.ndarray, taken: np.ndarray, sh
     return with_flips(extra, ctx.flip)
 
 
+def draw_more(ctx, step: int, round_: int, taken: np.ndarray) -> np.ndarray:
+    """Another `pool_size` substitutes for the step (adaptive pool), none already taken, seeded per (step, round)."""
+    rng = np.random.default_rng([ctx.seed, MORE_STREAM, step, round_])
+    spare = np.setdiff1d(np.arange(len(ctx.data)), taken)
+    return np.sort(rng.choice(spare, size=min(ctx.params.pool_size, len(spare)), replace=False))
+
+
 # ----------------------------------------------------------------------------------------------- the strategy
 
 def forge_parts(ctx, params: dict[str, torch.Tensor], step: int, parts: list[int], target: torch.Tensor,
                 point_parts: np.ndarray, records=None) -> list[ForgedBatch]:
     """Strategy `swap` at one step, every part in `parts`. `records`: the original step's per-sample factors
-    (hook path), else None (BatchNorm models)."""
+    (hook path), else None (BatchNorm models). On the hook path the pool adapts to the residual: parts whose
+    grad_error is still above `pool_target`·‖grad‖ get another pool of `pool_size` entries, `pool_rounds` times at
+    most (each part keeps its best batch)."""
     batch = np.asarray(ctx.steps.batch[step], dtype=np.int64)
     flips = np.asarray(ctx.steps.flip[step], dtype=bool)
+    b = len(batch)
     pool = draw_pool(ctx, step)
-    pool_idx, pool_flips = with_flips(pool[~np.isin(pool, batch)], ctx.flip)
-    rows = Rows(np.concatenate([batch, pool_idx]), np.concatenate([flips, pool_flips]), len(batch))
+    rows = Rows(batch, flips, b).extended(*with_flips(pool[~np.isin(pool, batch)], ctx.flip))
     if records is not None:  # the batch's factors came with the training step: only the pool's are charged
-        samples = ctx.grads.sample_gradients([records, _records(ctx, params, rows, rows.b)], params)
-        forge = _factored(ctx, params, samples)
-        charged = len(pool_idx) / len(batch)
+        passes = [records, _records(ctx, params, rows, b)]
+        forge = _factored(ctx, params, list(passes))
     else:
         forge = _materialised(ctx, params, target, per_sample(ctx.swap_model, params, *ctx.data.batch(
             rows.points, rows.flips), ctx.swap_cache))
-        charged = len(rows.points) / len(batch)
-    out = []
-    for k in parts:
-        allowed = ctx.allowed_points(point_parts, k)
-        remove = ~np.isin(batch, allowed)  # B_t ∩ D_k (and content twins of D_k)
-        if not remove.any():
-            out.append(ForgedBatch(batch.astype(np.int32), flips.copy(), 0.0, 0))  # nothing of D_k in B_t: B_t
-            continue
-        cand = len(batch) + np.flatnonzero(np.isin(pool_idx, allowed))
-        short = int(remove.sum()) - len(np.unique(rows.points[cand]))
-        if short > 0:  # a small pool left too few allowed points: top it up from D \ D_k, seeded per (step, part)
-            extra = top_up(ctx, step, k, allowed, np.concatenate([batch, rows.points[cand]]), short)
-            out.append(forge(rows.extended(*extra), remove, np.concatenate([cand, len(rows.points) + np.arange(
-                len(extra[0]))])))
-        else:
-            out.append(forge(rows, remove, cand))
-    # The shared per-sample pass, in minibatch units, is charged to the step's first part.
+    charged = (len(rows.points) - (b if records is not None else 0)) / b
+    allowed = {k: ctx.allowed_points(point_parts, k) for k in parts}
+    out = {k: _forge_part(ctx, step, k, allowed[k], rows, forge) for k in parts}
+    limit = ctx.params.pool_target * float(torch.linalg.vector_norm(target))
+    for round_ in range(1, ctx.params.pool_rounds + 1 if records is not None else 1):
+        hard = [k for k in parts if out[k].grad_error > limit]
+        if not hard:
+            break
+        start = len(rows.points)
+        rows = rows.extended(*with_flips(draw_more(ctx, step, round_, rows.points), ctx.flip))
+        passes.append(_records(ctx, params, rows, start))
+        forge = _factored(ctx, params, list(passes))
+        charged += (len(rows.points) - start) / b
+        for k in hard:
+            again = _forge_part(ctx, step, k, allowed[k], rows, forge)
+            out[k] = again if again.grad_error < out[k].grad_error else out[k]
+    out = [out[k] for k in parts]
+    # The shared per-sample passes, in minibatch units, are charged to the step's first part.
     if out:
         out[0] = dataclasses.replace(out[0], grad_evals=out[0].grad_evals + charged)
     return out
+
+
+def _forge_part(ctx, step: int, k: int, allowed: np.ndarray, rows: "Rows", forge) -> ForgedBatch:
+    batch, flips = rows.points[:rows.b], rows.flips[:rows.b]
+    remove = ~np.isin(batch, allowed)  # B_t ∩ D_k (and content twins of D_k)
+    if not remove.any():
+        return ForgedBatch(batch.astype(np.int32), flips.copy(), 0.0, 0)  # nothing of D_k in B_t: B_t itself
+    cand = rows.b + np.flatnonzero(np.isin(rows.points[rows.b:], allowed))
+    short = int(remove.sum()) - len(np.unique(rows.points[cand]))
+    if short > 0:  # a small pool left too few allowed points: top it up from D \ D_k, seeded per (step, part)
+        extra = top_up(ctx, step, k, allowed, np.concatenate([batch, rows.points[cand]]), short)
+        return forge(rows.extended(*extra), remove, np.concatenate([cand, len(rows.points) + np.arange(
+            len(extra[0]))]))
+    return forge(rows, remove, cand)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,19 +260,20 @@ def _records(ctx, params, rows: Rows, start: int):
     return ctx.grads.records(params, x, y, 1.0 / rows.b)
 
 
-def _factored(ctx, params, samples):
+def _factored(ctx, params, passes: list):
     """Hook path: Gram by ghost products, exact grad_error from per-sample sums: ‖Σ_forged g − Σ_B g‖/b."""
+    samples = ctx.grads.sample_gradients(passes, params)
     gram = samples.gram().double().cpu().numpy()
 
     def forge(rows: Rows, remove: np.ndarray, cand: np.ndarray) -> ForgedBatch:
         rows.check(remove, cand)
         k_samples, k_gram = samples, gram
         if len(rows.points) > samples.n:  # a top-up: its samples too
-            k_samples = ctx.grads.sample_gradients(samples.passes + [_records(ctx, params, rows, samples.n)],
-                                                   params)
+            k_samples = ctx.grads.sample_gradients(passes + [_records(ctx, params, rows, samples.n)], params)
             k_gram = k_samples.gram().double().cpu().numpy()
         members = match(k_gram, np.flatnonzero(remove), np.flatnonzero(~remove), cand, rows.points)
-        sums = k_samples.sums(torch.as_tensor(np.stack([members, np.arange(rows.b)])))
+        left = np.setdiff1d(np.arange(rows.b), members)  # the forged batch differs from B_t by these rows only
+        sums = k_samples.sums(torch.as_tensor(np.stack([members[members >= rows.b], left])))
         new_batch, new_flips = rows.batch(members)
         return ForgedBatch(new_batch.astype(np.int32), new_flips, float(torch.linalg.vector_norm(sums[0] - sums[1])),
                            0)
