@@ -1,6 +1,11 @@
 """`paper` vs `swap` (and `hybrid`) on the same training log, side by side, measured in one run.
 
-    python benchmarks/strategies.py RUN [--points 20] [--steps 3] [--reps 2] [--hybrid] [--skip-full] [--json OUT]
+    python benchmarks/strategies.py RUN [--points 20] [--steps 3] [--reps 2] [--swap-kappa 20] [--swap-pool 96]
+                                        [--hybrid] [--skip-full] [--json OUT]
+
+`paper` runs with the config's κ and μ; `swap` (and `hybrid`) with `--swap-kappa` and `--swap-pool` (swap replaces
+the b/κ members of D_k in each batch, so a larger κ means fewer substitutes and a smaller error, at the cost of a
+matching per part; its pool of per-sample gradients is shared by all parts of a step).
 
 Three measurements, each ratio from numbers taken in this run (the load of a shared machine hits both sides):
   per step     every κ part of the first `--steps` steps forged in-process with one thread (as each Ray actor
@@ -18,6 +23,7 @@ Three measurements, each ratio from numbers taken in this run (the load of a sha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -46,12 +52,13 @@ def since(start: tuple[float, float], steps: int) -> tuple[float, float]:
     return (wall - start[0]) / steps, (cpu - start[1]) / steps
 
 
-def per_step_costs(run: TrainingRun, strategies: list[str], steps: int, reps: int) -> dict:
+def per_step_costs(run: TrainingRun, params: dict[str, ForgeParams], steps: int, reps: int) -> dict:
     """{name: (wall, cpu) seconds per step} for 'train' and every strategy (all parts, no sampling), one thread."""
     torch.set_num_threads(1)
+    strategies = list(params)
     contexts = {}
-    for s in strategies:
-        contexts[s] = ForgeContext(run, ForgeParams.from_config(run.cfg, strategy=s, threads=1))
+    for s, p in params.items():
+        contexts[s] = ForgeContext(run, dataclasses.replace(p, threads=1, points=None))
         forge_unit(contexts[s], 0, 1, 0)  # warm-up
     data, hyper = contexts[strategies[0]].data, contexts[strategies[0]].hyper
     best: dict[str, tuple[float, float]] = {}
@@ -68,25 +75,24 @@ def per_step_costs(run: TrainingRun, strategies: list[str], steps: int, reps: in
                 replay_steps(model, velocity, data, run.steps, 0, steps, hyper)
             else:
                 start = clock()
-                forge_unit(contexts[s], 0, steps, tuple(range(run.cfg.forge.kappa)))
+                forge_unit(contexts[s], 0, steps, tuple(range(params[s].kappa)))
             keep(s, since(start, steps))
     return best
 
 
-def all_points(run: TrainingRun, strategy: str) -> dict:
-    """Train the run's config and forge all of it with `strategy` on Ray, both now, in a temporary directory."""
+def all_points(run: TrainingRun, params: ForgeParams) -> dict:
+    """Train the run's config and forge all of it with `params` on Ray, both now, in a temporary directory."""
     cfg = run.cfg
     with tempfile.TemporaryDirectory(dir=run.run_dir.parent) as tmp:
         trained = train(cfg, Path(tmp) / "run", progress=False)
-        summary = run_forge(Path(tmp) / "run", ForgeParams.from_config(cfg, strategy=strategy), cfg.ray.actors,
-                            cfg.ray, cfg.wandb)
+        summary = run_forge(Path(tmp) / "run", dataclasses.replace(params, points=None), cfg.ray.actors, cfg.ray,
+                            cfg.wandb)
     return {"train_wall_s": trained["train_wall_s"], **summary}
 
 
-def quality(run: TrainingRun, strategy: str, points: int) -> dict:
-    cfg = run.cfg
-    forge = run_forge(run.run_dir, ForgeParams.from_config(cfg, strategy=strategy, points=points), cfg.ray.actors,
-                      cfg.ray, cfg.wandb)
+def quality(run: TrainingRun, params: ForgeParams) -> dict:
+    cfg, strategy = run.cfg, params.strategy
+    forge = run_forge(run.run_dir, params, cfg.ray.actors, cfg.ray, cfg.wandb)
     run_attack(run.run_dir, strategy, cfg.ray.actors, cfg.ray, cfg.wandb)
     metrics, _ = compute_metrics(run.run_dir, strategy)
     return {
@@ -104,6 +110,8 @@ def main():
     parser.add_argument("--points", type=int, default=20)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--swap-kappa", type=int, default=20, help="κ for swap and hybrid (paper: the config's)")
+    parser.add_argument("--swap-pool", type=int, default=96, help="pool size for swap and hybrid")
     parser.add_argument("--hybrid", action="store_true")
     parser.add_argument("--skip-full", action="store_true", help="skip the all-points phase 1")
     parser.add_argument("--json", type=Path, default=None)
@@ -111,17 +119,20 @@ def main():
     run = TrainingRun.open(args.run)
     cfg = run.cfg
     names = ["paper", "swap"] + (["hybrid"] if args.hybrid else [])
+    params = {s: ForgeParams.from_config(cfg, strategy=s, points=args.points, **(
+        {} if s == "paper" else {"kappa": args.swap_kappa, "pool_size": args.swap_pool})) for s in names}
     load = [os.getloadavg()[0]]
-    costs = per_step_costs(run, names, args.steps, args.reps)
-    full = None if args.skip_full else all_points(run, "swap")
-    rows = {s: quality(run, s, args.points) for s in names}
+    costs = per_step_costs(run, params, args.steps, args.reps)
+    full = None if args.skip_full else all_points(run, params["swap"])
+    rows = {s: quality(run, p) for s, p in params.items()}
     load.append(os.getloadavg()[0])
     for s in names:
         rows[s].update(wall_s_per_step=costs[s][0], cpu_s_per_step=costs[s][1],
                        wall_over_train=costs[s][0] / costs["train"][0], cpu_over_train=costs[s][1] / costs["train"][1])
     base = rows["paper"]
-    print(f"\n{run.run_dir}: n={run.info['n']} tau={run.total_steps} kappa={cfg.forge.kappa} mu={cfg.forge.mu} "
-          f"pool={cfg.forge.pool_size}; {base['evaluated_points']} sampled points (lam={cfg.forge.lam}); "
+    print(f"\n{run.run_dir}: n={run.info['n']} tau={run.total_steps}; paper kappa={cfg.forge.kappa} mu={cfg.forge.mu}; "
+          f"swap kappa={args.swap_kappa} pool={args.swap_pool}; {base['evaluated_points']} sampled points "
+          f"(lam={cfg.forge.lam}); "
           f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, on {os.cpu_count()} CPUs")
     print(f"{'':36}" + "".join(f"{n:>14}" for n in names) + "   " + "  ".join(f"{n}/paper" for n in names[1:]))
 

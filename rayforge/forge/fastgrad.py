@@ -510,6 +510,16 @@ class _Factor:
             flat = members.reshape(-1)
             _group_grads_into(self.layer, self.a.index_select(0, flat), self.d.index_select(0, flat), m, dests, done)
 
+    def combination(self, rows: torch.Tensor, weights: torch.Tensor, dests: dict, done: set) -> None:
+        """Σ_i weights[i]·g_rows[i] written into `dests` (views with one leading row)."""
+        if self.per_sample:
+            value = (weights @ self.g.index_select(0, rows)).unsqueeze(0)
+            for pname, v in self._columns(value).items():
+                _write(dests.get(pname), v, (id(self.layer), pname), done)
+        else:
+            d = self.d.index_select(0, rows) * weights.view(-1, *[1] * (self.d.dim() - 1))
+            _group_grads_into(self.layer, self.a.index_select(0, rows), d, 1, dests, done)
+
     def materialised(self) -> torch.Tensor:
         """(N, weight + bias floats): the per-sample gradients."""
         if self.per_sample:
@@ -586,12 +596,19 @@ class SampleGradients:
 
     def sums(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (m, c) sample indices -> (m, dim): each row's sum of per-sample gradients, in `params` order."""
+        return self._each_factor(len(rows), lambda f, dests, done: f.sums(rows, dests, done))
+
+    def combination(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(dim,): Σ_i weights[i]·g_rows[i] (e.g. +1 for samples that come in, −1 for those that leave)."""
+        return self._each_factor(1, lambda f, dests, done: f.combination(rows, weights, dests, done))[0]
+
+    def _each_factor(self, groups: int, write) -> torch.Tensor:
         with torch.no_grad():
             like = self.factors[0].g if self.factors[0].per_sample else self.factors[0].a
-            out, dests = _output(like, self.sources, self.params, len(rows))
+            out, dests = _output(like, self.sources, self.params, groups)
             done: set = set()
             for f in self.factors:
-                f.sums(rows, _layer_dests(dests, f.layer), done)
+                write(f, _layer_dests(dests, f.layer), done)
             _check_done(done, self.sources, self.params)
         return out
 

@@ -41,6 +41,7 @@ POOL_STREAM = 0x5A4B
 MORE_STREAM = 0x5A4C
 SHORTLIST = 4  # greedy variants re-ranked exactly, BatchNorm models only
 EXCHANGE_ROUNDS = 2  # exchanges allowed per removed point (each takes the single best exchange)
+EXCHANGE_KEPT = True  # exchanges may also trade kept batch points
 
 
 def per_sample(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -124,8 +125,12 @@ def match(gram: np.ndarray, removed: np.ndarray, kept: np.ndarray, cand: np.ndar
     `points` the point of every row; `removed`/`kept` split the batch's rows, `cand` are the allowed pool rows.
     Greedy picks among `cand` replace `removed`; then exchanges swap any member, kept or picked, for an unused
     candidate (a kept point may leave for a better fit), at most EXCHANGE_ROUNDS per removed point."""
-    picks, _ = greedy_picks(gram[np.ix_(cand, cand)], gram[np.ix_(cand, removed)].sum(1),
-                            float(gram[np.ix_(removed, removed)].sum()), points[cand], len(removed), first)
+    pool_gram, dots, r_sq = gram[np.ix_(cand, cand)], gram[np.ix_(cand, removed)].sum(1), \
+        float(gram[np.ix_(removed, removed)].sum())
+    picks, _ = greedy_picks(pool_gram, dots, r_sq, points[cand], len(removed), first)
+    if not EXCHANGE_KEPT:
+        picks, _ = exchange_picks(pool_gram, dots, r_sq, points[cand], picks, EXCHANGE_ROUNDS * len(removed))
+        return np.concatenate([kept, cand[picks]])
     entries, batch_rows = np.concatenate([kept, cand]), np.concatenate([kept, removed])
     members = list(range(len(kept))) + [len(kept) + p for p in picks]
     members, _ = exchange_picks(gram[np.ix_(entries, entries)], gram[np.ix_(entries, batch_rows)].sum(1),
@@ -263,7 +268,8 @@ def _records(ctx, params, rows: Rows, start: int):
 def _factored(ctx, params, passes: list):
     """Hook path: Gram by ghost products, exact grad_error from per-sample sums: ‖Σ_forged g − Σ_B g‖/b."""
     samples = ctx.grads.sample_gradients(passes, params)
-    gram = samples.gram().double().cpu().numpy()
+    gram_t = samples.gram()
+    gram = gram_t.double().cpu().numpy()
 
     def forge(rows: Rows, remove: np.ndarray, cand: np.ndarray) -> ForgedBatch:
         rows.check(remove, cand)
@@ -272,11 +278,13 @@ def _factored(ctx, params, passes: list):
             k_samples = ctx.grads.sample_gradients(passes + [_records(ctx, params, rows, samples.n)], params)
             k_gram = k_samples.gram().double().cpu().numpy()
         members = match(k_gram, np.flatnonzero(remove), np.flatnonzero(~remove), cand, rows.points)
-        left = np.setdiff1d(np.arange(rows.b), members)  # the forged batch differs from B_t by these rows only
-        sums = k_samples.sums(torch.as_tensor(np.stack([members[members >= rows.b], left])))
+        came = members[members >= rows.b]  # the forged batch differs from B_t by these rows only
+        left = np.setdiff1d(np.arange(rows.b), members)
+        weights = np.concatenate([np.ones(len(came)), -np.ones(len(left))])
+        diff = k_samples.combination(torch.as_tensor(np.concatenate([came, left]), device=gram_t.device),
+                                     torch.as_tensor(weights, dtype=gram_t.dtype, device=gram_t.device))
         new_batch, new_flips = rows.batch(members)
-        return ForgedBatch(new_batch.astype(np.int32), new_flips, float(torch.linalg.vector_norm(sums[0] - sums[1])),
-                           0)
+        return ForgedBatch(new_batch.astype(np.int32), new_flips, float(torch.linalg.vector_norm(diff)), 0)
 
     return forge
 
