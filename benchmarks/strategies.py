@@ -123,7 +123,9 @@ def main():
         {} if s == "paper" else {"kappa": args.swap_kappa, "pool_size": args.swap_pool})) for s in names}
     load = [os.getloadavg()[0]]
     costs = per_step_costs(run, params, args.steps, args.reps)
+    print("per step (wall, CPU seconds, 1 thread):", json.dumps(costs), flush=True)
     full = None if args.skip_full else all_points(run, params["swap"])
+    print("all points, swap:", json.dumps(full), f"load average {os.getloadavg()[0]:.1f}", flush=True)
     rows = {s: quality(run, p) for s, p in params.items()}
     load.append(os.getloadavg()[0])
     for s in names:

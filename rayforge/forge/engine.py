@@ -237,8 +237,8 @@ def prepare_output(out: Path, params: ForgeParams) -> None:
     path = out / "params.json"
     if path.exists():
         try:
-            previous = json.loads(path.read_text())
-        except json.JSONDecodeError:
+            previous = ForgeParams(**json.loads(path.read_text())).to_json()  # fields added since: their defaults
+        except (json.JSONDecodeError, TypeError):
             raise MalformedArtifact(f"{path}: unreadable") from None
         if previous != params.to_json():
             raise RayforgeError(f"{out} holds progress made with other parameters {previous}; "
