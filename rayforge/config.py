@@ -58,6 +58,8 @@ class ForgeConfig:
     points: Optional[int] = None  # sampling approximation: only the groups of this many sampled points
     grad_method: str = "auto"  # candidate gradients: auto | hooks (no BatchNorm; fastest) | vmap (torch.func)
     pool_size: int = 256  # swap/hybrid strategies: substitutes drawn per step
+    pool_target: float = 0.0  # swap/hybrid: parts whose grad_error/grad_norm stays above this get more pool ...
+    pool_rounds: int = 0  # ... at most this many times (another pool_size each); 0: a fixed pool
 
 
 @dataclass
@@ -211,6 +213,7 @@ def validate(cfg: Config) -> None:
         (cfg.forge.lam >= 1, "forge.lam must be >= 1"),
         (cfg.forge.chunk >= 1, "forge.chunk must be >= 1"),
         (cfg.forge.pool_size >= 1, "forge.pool_size must be >= 1"),
+        (cfg.forge.pool_target >= 0 and cfg.forge.pool_rounds >= 0, "forge.pool_target and pool_rounds must be >= 0"),
         (cfg.forge.grad_method in ("auto", "hooks", "vmap"), "forge.grad_method must be auto, hooks or vmap"),
         (cfg.ray.actors >= 1, "ray.actors must be >= 1"),
         (cfg.attack.shadows >= 2 and cfg.attack.shadows % 2 == 0, "attack.shadows must be even and >= 2"),

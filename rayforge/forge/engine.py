@@ -78,7 +78,8 @@ class ForgeParams:
         f = cfg.forge
         values = dict(strategy=f.strategy, kappa=f.kappa, mu=f.mu, lam=f.lam, dsub_size=f.dsub_size, seed=cfg.seed,
                       chunk=f.chunk, threads=max(1, int(cfg.ray.num_cpus_per_actor)), points=f.points,
-                      grad_method=f.grad_method, pool_size=f.pool_size)
+                      grad_method=f.grad_method, pool_size=f.pool_size, pool_target=f.pool_target,
+                      pool_rounds=f.pool_rounds)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
