@@ -1,11 +1,13 @@
 """`ray job submit` entrypoint for the whole pipeline: the same code path as `rayforge run`.
 
-    ray job submit --working-dir . -- python jobs/run.py CONFIG --out RUN [--set key=value ...]
+    ray job submit --address http://HEAD:8265 \\
+        --runtime-env-json "$(python jobs/runtime_env.py RAYFORGE_DATA=/home/ray/data)" \\
+        -- python jobs/run.py CONFIG --out /home/ray/runs/NAME [--set key=value ...]
 """
 
 import sys
 
-from rayforge.cli import main
+from entry import run_command
 
 if __name__ == "__main__":
-    main(["run", *sys.argv[1:]])
+    run_command("run", sys.argv[1:])

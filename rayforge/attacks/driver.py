@@ -3,8 +3,11 @@ them, the original model scored once, then phase 2 run with a consumer that scor
 rebuild actor that built it (forged models never travel and are dropped after scoring unless asked to keep them).
 
 Outputs, under RUN/attack/:
-  population.json                      who is in the attack population (see rayforge.attacks.evaluate)
+  population.json                      who is in the attack population and where V and P came from (see
+                                       rayforge.attacks.evaluate), the shadows' architecture and schedule
   shadows/                             the shadow models, their IN/OUT mask and cached logits (safetensors, JSON)
+  control.json                         per attack: the exchangeable control (AUC when a shadow plays the target)
+                                       beside the AUC on the original model
   <strategy>/original.parquet          every population point scored on the original model, per attack
   <strategy>/scores.parquet            per evaluated point and attack: its Diff/Common/Validation queries on its
                                        forged model (ids, scores, predictions)
@@ -21,10 +24,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayforge.attacks.base import Attack, build_attack
-from rayforge.attacks.evaluate import ForgedModelScorer, attack_population, score_all
-from rayforge.attacks.shadows import ShadowSet, balanced_in_mask, shadow_seed, train_shadow
+from rayforge.attacks.evaluate import ForgedModelScorer, attack_population, exchangeable_control, score_all
+from rayforge.attacks.metrics import auc, tpr_at_fpr
+from rayforge.attacks.shadows import (ShadowSet, balanced_in_mask, shadow_model_name, shadow_seed,
+                                      shadow_train_config, train_shadow)
 from rayforge.config import Config, RayConfig, WandbConfig
-from rayforge.errors import RayforgeError
 from rayforge.rebuild.driver import RebuildParams, run_rebuild
 from rayforge.stage import run_units
 from rayforge.train.log import state_tensors
@@ -45,12 +49,6 @@ def attack_root(run_dir: Path) -> Path:
     return Path(run_dir) / "attack"
 
 
-def shadow_train_config(cfg: Config):
-    import dataclasses
-
-    return dataclasses.replace(cfg.train, epochs=cfg.attack.shadow_epochs or cfg.train.epochs)
-
-
 class ShadowWorker:
     """A shadow-training actor: holds the population once, trains shadow k on its half."""
 
@@ -59,13 +57,13 @@ class ShadowWorker:
         import torch
 
         torch.set_num_threads(max(1, int(self.run.cfg.ray.num_cpus_per_actor)))
-        self.pop, _ = attack_population(self.run.load_dataset(), self.run.cfg.data.flip, self.run.cfg.attack.holdout)
+        self.pop, _, _ = attack_population(self.run.load_dataset(), self.run.cfg)
 
     def train(self, k: int) -> dict:
         cfg = self.run.cfg
         in_mask = balanced_in_mask(cfg.attack.shadows, len(self.pop), cfg.seed)
-        model = train_shadow(self.pop, np.flatnonzero(in_mask[k]), cfg.attack.shadow_model or cfg.model.name,
-                             shadow_train_config(cfg), shadow_seed(cfg.seed, k))
+        model = train_shadow(self.pop, np.flatnonzero(in_mask[k]), shadow_model_name(cfg), shadow_train_config(cfg),
+                             shadow_seed(cfg.seed, k))
         return state_tensors(model, None)
 
 
@@ -88,22 +86,30 @@ def train_shadows(run: TrainingRun, pop, actors: int, progress: bool) -> ShadowS
     run_units(todo, ShadowWorker, (str(run.run_dir),), "train", cfg.ray, actors, save, "shadows",
               cfg.attack.shadows, progress)
     states = [read_tensors(part(k)) for k in range(cfg.attack.shadows)]
-    shadows = ShadowSet(pop, cfg.attack.shadow_model or cfg.model.name,
-                        balanced_in_mask(cfg.attack.shadows, len(pop), cfg.seed), states)
+    shadows = ShadowSet(pop, shadow_model_name(cfg), balanced_in_mask(cfg.attack.shadows, len(pop), cfg.seed), states)
     shadows.save(directory)
     return shadows
 
 
 def prepare_attacks(cfg: Config, pop, shadows: ShadowSet) -> dict[str, Attack]:
-    """Every configured attack, fitted on the shadows only (MIDA only when the target trained with flips)."""
+    """Every configured attack, fitted on the shadows only (the config refuses attacks that cannot run)."""
     attacks = {}
     for name in cfg.attack.attacks:
-        if name == "mida" and not cfg.data.flip:
-            continue
         attack = build_attack(name)
         attack.prepare(pop, shadows)
         attacks[name] = attack
     return attacks
+
+
+def write_control(path: Path, cfg: Config, pop, shadows: ShadowSet, original: dict, n: int) -> None:
+    """control.json: per attack, the exchangeable control (`evaluate.exchangeable_control`, shadows 0..control-1
+    playing the target) and, beside it, the AUC and TPR at 0.1% FPR on the original model (D against V)."""
+    control = exchangeable_control(cfg.attack.attacks, pop, shadows, range(cfg.attack.control))
+    member = pop.ids < n
+    for name, result in control.items():
+        result["target_auc"] = auc(original[name]["score"], member)
+        result["target_tpr_at_0.1_fpr"] = tpr_at_fpr(original[name]["score"], member, 0.001)
+    atomic_write_json(path, {"shadows_as_target": cfg.attack.control, "attacks": control})
 
 
 def _scores_table(rows: list[dict]) -> pa.Table:
@@ -117,18 +123,17 @@ def run_attack(run_dir: str | Path, strategy: str, actors: int, ray_cfg: RayConf
     run = TrainingRun.open(run_dir)
     cfg = run.cfg
     ds = run.load_dataset()
-    pop, n = attack_population(ds, cfg.data.flip, cfg.attack.holdout)
+    pop, n, record = attack_population(ds, cfg)
     root = attack_root(run.run_dir)
     root.mkdir(exist_ok=True)
+    schedule = shadow_train_config(cfg)
     atomic_write_json(root / "population.json", {
-        "members": [0, n], "heldout_test_points": [n, len(pop)], "flip": cfg.data.flip,
-        "shadows": cfg.attack.shadows, "shadow_model": cfg.attack.shadow_model or cfg.model.name,
-        "shadow_epochs": shadow_train_config(cfg).epochs, "common_per_point": cfg.attack.common,
-        "validation_per_point": cfg.attack.validation})
+        **record, "flip": cfg.data.flip, "shadows": cfg.attack.shadows, "shadow_model": shadow_model_name(cfg),
+        "shadow_train": {"epochs": schedule.epochs, "lr": schedule.lr, "batch_size": schedule.batch_size,
+                         "momentum": schedule.momentum, "weight_decay": schedule.weight_decay},
+        "common_per_point": cfg.attack.common, "validation_per_point": cfg.attack.validation})
     shadows = train_shadows(run, pop, actors, progress)
     attacks = prepare_attacks(cfg, pop, shadows)
-    if not attacks:
-        raise RayforgeError("attack: no attack to run (attack.attacks is empty, or only mida without flips)")
     out = root / strategy
     (out / "score-units").mkdir(parents=True, exist_ok=True)
     original_model, _ = run.model_at(run.total_steps, run.device())
@@ -140,6 +145,8 @@ def run_attack(run_dir: str | Path, strategy: str, actors: int, ray_cfg: RayConf
         "pred": np.concatenate([v["pred"] for v in original.values()]).astype(bool),
         "member": np.tile(pop.ids < n, len(original)),
     }, schema=ORIGINAL_SCHEMA))
+    if not (root / "control.json").is_file():
+        write_control(root / "control.json", cfg, pop, shadows, original, n)
 
     def on_consumed(first: int, outputs: list) -> None:
         write_parquet(out / "score-units" / f"groups-{first:08d}.parquet",

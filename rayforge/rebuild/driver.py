@@ -127,6 +127,7 @@ def run_rebuild(run_dir: str | Path, params: RebuildParams, actors: int, ray_cfg
                "models_steps_per_s": replayed["model_steps"] / (time.perf_counter() - replayed["start"])}
     with MetricLogger(run.run_dir, f"{stage}-{params.strategy}", wandb_cfg, asdict(params),
                       run_name=run.cfg.name) as logger:
+        logger.d_theta(table.to_pylist())
         logger.summary(summary)
     atomic_write_json(out / "summary.json", summary)
     return summary

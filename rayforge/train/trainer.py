@@ -30,10 +30,10 @@ def train(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
     check_fresh_dir(out_dir)
     with staged_dir(out_dir) as tmp_dir:
         (tmp_dir / "trajectory").mkdir()
-        return _train_into(cfg, tmp_dir, progress)
+        return _train_into(cfg, tmp_dir, progress, final_dir=out_dir)
 
 
-def _train_into(cfg: Config, run_dir: Path, progress: bool) -> dict:
+def _train_into(cfg: Config, run_dir: Path, progress: bool, final_dir: Path) -> dict:
     # Resolve the thread count into the logged config: CPU kernels round differently with other thread counts,
     # and an exact replay must use the same one.
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=cfg.train.threads or
@@ -53,12 +53,12 @@ def _train_into(cfg: Config, run_dir: Path, progress: bool) -> dict:
 
     train_data = TensorData(ds.train, ds.mean, ds.std, device)
     test_data = TensorData(ds.test, ds.mean, ds.std, device)
-    model = new_model(cfg, info["shape"], device)
+    model = new_model(cfg, info["shape"], device, ds.num_classes)
     velocity = zero_velocity(model)
     hyper = hyper_of(cfg)
     kept_velocity = velocity if hyper.momentum else None  # optimizer state exists only with momentum
 
-    logger = MetricLogger(run_dir, "train", cfg.wandb, cfg.to_dict(), run_name=cfg.name)
+    logger = MetricLogger(run_dir, "train", cfg.wandb, cfg.to_dict(), run_name=cfg.name, final_dir=final_dir)
     start = time.perf_counter()
     bar = progress_bar(range(plan.total_steps), desc="train", unit="step", disable=not progress)
     for step in bar:
