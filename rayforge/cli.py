@@ -213,16 +213,20 @@ def attack(run_dir, strategy, points, actors, save_models, overrides):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--strategy", default="paper", help="Strategy whose attack-stage output to report.")
+@click.option("--strategy", default=None,
+              help="Main strategy (default: the config's); every attacked strategy of the run is reported beside it.")
 @set_option
 def report(run_dir, strategy, overrides):
-    """metrics.json, Tables I-IV (tables.md) and figures under RUN/report/."""
+    """metrics.json, Tables I-IV (tables.md) and figures under RUN/report/, for every attacked strategy."""
     from rayforge.report.render import write_report
 
     cfg = run_config(run_dir, overrides, ("wandb.",))
     metrics = write_report(run_dir, strategy, cfg.wandb)
-    summary = ", ".join(f"{a} c_diff={m['c_diff']:.2f}%" for a, m in metrics["attacks"].items())
-    click.echo(f"report -> {run_dir}/report: {summary}; d_theta median {metrics['d_theta']['median']:.3g}")
+    for name, m in metrics["strategies"].items():
+        summary = ", ".join(f"{a} c_diff={v['c_diff']:.2f}%" for a, v in m["attacks"].items())
+        click.echo(f"{name}: {summary}; valid PoRs {m['valid_por_percent']['all']:.2f}% (all attacks); "
+                   f"d_theta mean {m['d_theta']['mean']:.3g}")
+    click.echo(f"report -> {run_dir}/report")
 
 
 @main.command()
