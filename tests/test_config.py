@@ -13,7 +13,11 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     cfg = load_config(path)
-    assert cfg.train.batch_size == 100 and cfg.train.epochs >= 1
+    assert cfg.train.epochs >= 1
+    if not path.name.startswith("quickstart"):  # the paper's settings: b=100 (the quickstarts are tuned for speed)
+        assert cfg.train.batch_size == 100
+    if cfg.data.dataset == "cifar10":  # the paper trains every CIFAR-10 model with random flips (so MIDA runs)
+        assert cfg.data.flip
 
 
 def test_overrides_are_typed(tmp_path):

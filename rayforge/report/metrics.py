@@ -144,17 +144,17 @@ def valid_por(changed: dict[str, np.ndarray], points: np.ndarray) -> dict:
     return out
 
 
-def control_aucs(attack_dir: Path, strategy: str) -> dict[str, float]:
-    """The exchangeable-control AUC per attack (one shadow plays the target), when the attack stage wrote one:
-    `RUN/attack/<strategy>/control.json` or `RUN/attack/control.json`, {attack: auc or {"auc": auc}}."""
-    for path in (attack_dir / strategy / "control.json", attack_dir / "control.json"):
-        if path.is_file():
-            try:
-                raw = json.loads(path.read_text())
-                return {str(a): float(v["auc"] if isinstance(v, dict) else v) for a, v in raw.items()}
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise MalformedArtifact(f"{path}: unreadable control AUCs ({exc})") from None
-    return {}
+def control_aucs(attack_dir: Path) -> dict[str, float]:
+    """The exchangeable-control AUC per attack (shadows in turn playing the target), from RUN/attack/control.json
+    when the attack stage wrote one ({"attacks": {name: {"auc": x or null, ...}}}); attacks without one are left out."""
+    path = attack_dir / "control.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())["attacks"]
+        return {str(a): float(v["auc"]) for a, v in raw.items() if v.get("auc") is not None}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MalformedArtifact(f"{path}: unreadable control AUCs ({exc})") from None
 
 
 def strategy_metrics(run: TrainingRun, strategy: str) -> tuple[dict, dict]:
@@ -167,7 +167,7 @@ def strategy_metrics(run: TrainingRun, strategy: str) -> tuple[dict, dict]:
     scores = pq.read_table(out / "scores.parquet").to_pylist()
     distances = pq.read_table(out / "distances.parquet")
     d = distances.column("d_theta").to_numpy()
-    control = control_aucs(out.parent, strategy)
+    control = control_aucs(out.parent)
 
     orig_score, orig_pred, members = {}, {}, {}
     for i, a, s, p, m in zip(original["id"], original["attack"], original["score"], original["pred"],

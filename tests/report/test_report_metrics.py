@@ -117,3 +117,18 @@ def test_tables_put_strategies_side_by_side():
     assert "| LiRA | 5.00% [0.00, 6.00] | 1.50% [0.00, 2.50] |" in text
     assert "| LiRA | 0.7000 | 0.6100 | 0.0100 |" in text and "| MIDA | 0.7000 | – | 0.0100 |" in text
     assert "0.1260 (0.1190)" in text and "90.00% [85.00, 93.00]" in text
+
+
+def test_control_aucs_read_from_the_attack_stage(tmp_path):
+    import json
+
+    from rayforge.errors import MalformedArtifact
+    from rayforge.report.metrics import control_aucs
+
+    assert control_aucs(tmp_path) == {}  # not written (older runs): nothing shown
+    (tmp_path / "control.json").write_text(json.dumps({"shadows_as_target": 4, "attacks": {
+        "lira": {"auc": 0.61, "target_auc": 0.7}, "mida": {"auc": None, "error": "too few shadows"}}}))
+    assert control_aucs(tmp_path) == {"lira": 0.61}
+    (tmp_path / "control.json").write_text("[1, 2]")
+    with pytest.raises(MalformedArtifact):
+        control_aucs(tmp_path)
