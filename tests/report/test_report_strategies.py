@@ -32,8 +32,8 @@ def test_report_shows_every_attacked_strategy(attacked_twice):
     assert "paper: " in result.output and "swap: " in result.output
     report = attacked_twice / "report"
     metrics = json.loads((report / "metrics.json").read_text())
-    assert list(metrics["strategies"]) == ["paper", "swap"]  # the config's strategy first
-    assert metrics["setting"]["strategy"] == "paper"
+    assert set(metrics["strategies"]) == {"paper", "swap"}
+    assert metrics["setting"]["strategy"] == "paper"  # the config's strategy is the main one
     for name, m in metrics["strategies"].items():
         assert m["setting"]["strategy"] == name and m["setting"]["evaluated_points"] == 60  # every point, lam=2
         assert set(m["valid_por_percent"]) == {"all", "lira_enhanced"}
@@ -55,7 +55,9 @@ def test_report_shows_every_attacked_strategy(attacked_twice):
     result = CliRunner().invoke(main, ["report", str(attacked_twice), "--strategy", "swap"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((report / "metrics.json").read_text())
-    assert list(metrics["strategies"]) == ["swap", "paper"] and metrics["setting"]["strategy"] == "swap"
+    assert set(metrics["strategies"]) == {"paper", "swap"} and metrics["setting"]["strategy"] == "swap"
+    assert metrics["attacks"] == metrics["strategies"]["swap"]["attacks"]
+    assert "| Attack | swap | paper |" in (report / "tables.md").read_text()  # the main strategy's column first
 
 
 def test_report_of_a_strategy_never_attacked_is_one_line(attacked_twice):
