@@ -122,11 +122,9 @@ def models():
 @set_option
 def train_cmd(config, out_dir, overrides):
     """Train per CONFIG and write the training log to --out."""
-    from rayforge.config import load_config
-    from rayforge.train.trainer import train
+    import rayforge as rf
 
-    cfg = load_config(config, overrides)
-    summary = train(cfg, out_dir)
+    summary = rf.train(config, out_dir, overrides)
     click.echo(f"trained {summary['steps']} steps: test_accuracy={summary['test_accuracy']:.4f} "
                f"wall={summary['train_wall_s']:.1f}s ({summary['seconds_per_step'] * 1e3:.2f} ms/step) -> {out_dir}")
 
@@ -159,13 +157,11 @@ def replay(run_dir, start, stop, threads):
 @set_option
 def forge(run_dir, strategy, kappa, mu, lam, dsub_size, points, actors, overrides):
     """Phase 1: forge a minibatch for every (step, part) of RUN's log, on Ray; resumes where it stopped."""
-    from rayforge.forge.driver import run_forge
-    from rayforge.forge.engine import ForgeParams
+    import rayforge as rf
 
     cfg = run_config(run_dir, overrides, STAGE_KEYS, actors)
-    params = ForgeParams.from_config(cfg, strategy=strategy, kappa=kappa, mu=mu, lam=lam, dsub_size=dsub_size,
-                                     points=points)
-    summary = run_forge(run_dir, params, cfg.ray.actors, cfg.ray, cfg.wandb)
+    summary = rf.forge(run_dir, strategy=strategy, kappa=kappa, mu=mu, lam=lam, dsub_size=dsub_size, points=points,
+                       config=cfg)
     click.echo(f"forged {summary['rows']} (step, part) batches in {summary['forge_wall_s']:.1f}s: "
                f"{summary['grad_evals_per_step']:.0f} gradient evaluations/step, "
                f"{summary['candidates_per_s']:.0f} candidates/s, grad_error/grad_norm median "
@@ -183,12 +179,11 @@ def forge(run_dir, strategy, kappa, mu, lam, dsub_size, points, actors, override
 @set_option
 def rebuild(run_dir, strategy, actors, method, groups_per_unit, save_models, overrides):
     """Phase 2: rebuild the forged model of every group and write its distance to the original."""
-    from rayforge.rebuild.driver import RebuildParams, run_rebuild
+    import rayforge as rf
 
     cfg = run_config(run_dir, overrides, ("forge.strategy", "ray.", "wandb."), actors)
-    params = RebuildParams(strategy or cfg.forge.strategy, method, groups_per_unit,
-                           max(1, int(cfg.ray.num_cpus_per_actor)))
-    s = run_rebuild(run_dir, params, cfg.ray.actors, cfg.ray, cfg.wandb, save_models=save_models)
+    s = rf.rebuild(run_dir, strategy=strategy, method=method, groups_per_unit=groups_per_unit,
+                   save_models=save_models, config=cfg)
     click.echo(f"rebuilt {s['groups']} forged models: d_theta median {s['d_theta_median']:.3g} "
                f"p90 {s['d_theta_p90']:.3g}")
 
@@ -203,10 +198,10 @@ def rebuild(run_dir, strategy, actors, method, groups_per_unit, save_models, ove
 @set_option
 def attack(run_dir, strategy, points, actors, save_models, overrides):
     """Shadows, the five MI attacks, and phase 2 with every forged model scored (phase 1 first if missing)."""
-    from rayforge.pipeline import attack_stage
+    import rayforge as rf
 
     cfg = run_config(run_dir, overrides, STAGE_KEYS, actors)
-    s = attack_stage(run_dir, cfg, strategy or cfg.forge.strategy, points, cfg.ray.actors, save_models)
+    s = rf.attack(run_dir, strategy=strategy, points=points, save_models=save_models, config=cfg)
     click.echo(f"scored {s['evaluated_points']} points on {s['groups']} forged models with {', '.join(s['attacks'])}; "
                f"d_theta median {s['d_theta_median']:.3g}")
 
@@ -218,10 +213,10 @@ def attack(run_dir, strategy, points, actors, save_models, overrides):
 @set_option
 def report(run_dir, strategy, overrides):
     """metrics.json, Tables I-IV (tables.md) and figures under RUN/report/, for every attacked strategy."""
-    from rayforge.report.render import write_report
+    import rayforge as rf
 
     cfg = run_config(run_dir, overrides, ("wandb.",))
-    metrics = write_report(run_dir, strategy, cfg.wandb)
+    metrics = rf.report(run_dir, strategy, config=cfg)
     for name, m in metrics["strategies"].items():
         summary = ", ".join(f"{a} c_diff={v['c_diff']:.2f}%" for a, v in m["attacks"].items())
         click.echo(f"{name}: {summary}; valid PoRs {m['valid_por_percent']['all']:.2f}% (all attacks); "
@@ -238,17 +233,9 @@ def report(run_dir, strategy, overrides):
               help="group: the point's group's forged log (phase 1 output); minimal: swap out only this point.")
 def por(run_dir, point, out_dir, strategy, mode):
     """Build the Proof of Repudiation of training point --point (forged log, checkpoints, por.json)."""
-    from rayforge.train.run import TrainingRun
+    import rayforge as rf
 
-    run = TrainingRun.open(run_dir)
-    if mode == "minimal":
-        from rayforge.por.minimal import export_minimal_por
-
-        manifest = export_minimal_por(run, point, out_dir)
-    else:
-        from rayforge.por import export_por
-
-        manifest = export_por(run, strategy or run.cfg.forge.strategy, point, out_dir)
+    manifest = rf.export_por(run_dir, point, out_dir, strategy=strategy, mode=mode)
     click.echo(f"PoR of point {point} -> {out_dir}: epsilon={manifest['epsilon']:.4g} "
                f"d_theta={manifest['d_theta']:.3g}")
 
@@ -267,18 +254,42 @@ def por(run_dir, point, out_dir, strategy, mode):
 @click.option("--threads", type=POSITIVE, default=None,
               help="torch threads for the replay (default: the PoR's, capped at the local cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(por_dir, data_root, model_path, selection, tol, tol_rel, seed, threads, as_json):
+@click.option("--trust-model-code", is_flag=True,
+              help="Allow a PoR whose model is module:callable: building it imports and runs that code.")
+def verify(por_dir, data_root, model_path, selection, tol, tol_rel, seed, threads, as_json, trust_model_code):
     """Verify a PoR as a hostile artifact: exit 0 valid, 1 invalid (reasons listed), 2 malformed or unusable
     input (checked before any replay)."""
     import json
 
-    from rayforge.por import DEFAULT_TOL, verify_por
+    import rayforge as rf
 
-    report = verify_por(por_dir, data_root=data_root, model_path=model_path, steps=selection,
-                        tol=DEFAULT_TOL if tol is None else tol, tol_rel=tol_rel, seed=seed, threads=threads,
-                        warn=lambda message: click.echo(f"warning: {message}", err=True))
+    report = rf.verify_por(por_dir, data_root=data_root, model=model_path, steps=selection, tol=tol,
+                           tol_rel=tol_rel, seed=seed, threads=threads, trust_model_code=trust_model_code,
+                           warn=lambda message: click.echo(f"warning: {message}", err=True))
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else "\n".join(report.to_text()))
     sys.exit(0 if report.valid else 1)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--strategy", default=None, help="Whose phase-1/2 and attack outputs to use (default: the config's).")
+@click.option("--pool", type=POSITIVE, default=None, help="Substitutes drawn per step (default 128).")
+@click.option("--neighbours", type=NON_NEGATIVE, default=None,
+              help="Nearest same-label points of each audited point added to the pool (default 3).")
+@click.option("--epochs", type=POSITIVE, default=None, help="Audit this many evenly spaced epochs (default: all).")
+@click.option("--points", type=POSITIVE, default=None, help="Sampling approximation: audit N sampled points only.")
+@actors_option
+@set_option
+def audit(run_dir, strategy, pool, neighbours, epochs, points, actors, overrides):
+    """Which training points a PoR can repudiate: RUN/audit/points.parquet, summary.json and a figure."""
+    import rayforge as rf
+
+    cfg = run_config(run_dir, overrides, STAGE_KEYS, actors)
+    s = rf.audit(run_dir, strategy=strategy, pool=pool, neighbours=neighbours, epochs=epochs, points=points,
+                 config=cfg)
+    worst = ", ".join(f"#{p['point']} ({p['score']:.2f})" for p in s["least_repudiable"][:5])
+    click.echo(f"audit: {s['repudiable']} of {s['points']} points repudiable ({s['share_repudiable']:.1%}); "
+               f"least repudiable: {worst} -> {run_dir}/audit")
 
 
 @main.command()

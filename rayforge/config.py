@@ -19,7 +19,7 @@ from rayforge.errors import RayforgeError
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"  # mnist | cifar10 | synthetic (tests)
+    dataset: str = "mnist"  # mnist | cifar10 | imagefolder (train/<class>/*, test/<class>/* under data_root) | synthetic
     data_root: Optional[str] = None  # searched first, then $RAYFORGE_DATA, then the download cache
     subset: Optional[int] = None  # n training points drawn by `seed` (the paper's sampling approximation)
     flip: bool = False  # random horizontal flip, from flags recorded in the log

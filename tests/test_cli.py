@@ -50,7 +50,7 @@ def test_actors_take_a_positive_integer_or_auto():
 
 def test_set_is_on_every_stage_command_that_takes_a_config():
     with_set = {name for name, cmd in main.commands.items() if any(p.name == "overrides" for p in cmd.params)}
-    assert with_set == {"train", "run", "forge", "rebuild", "attack", "report"}
+    assert with_set == {"train", "run", "forge", "rebuild", "attack", "report", "audit"}
 
 
 def _capture(monkeypatch, module, name, result=None):

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rayforge.attacks.base import NUM_CLASSES, Attack, Population, build_attack
+from rayforge.attacks.base import Attack, Population, build_attack
 from rayforge.attacks.metrics import auc, tpr_at_fpr
 from rayforge.attacks.shadows import ShadowSet
 from rayforge.attacks.views import ModelViews, ShadowViews
@@ -116,7 +116,7 @@ def attack_population(ds: Dataset, cfg: Config) -> tuple[Population, int, dict]:
         return ds.test.take(idx) if full is None else prepare_points(cfg.data.dataset, full.take(idx))
 
     held, aux = take(v_idx), (take(p_idx) if p else None)
-    num_classes = NUM_CLASSES
+    num_classes = ds.num_classes
     record = {"members": [0, n], "heldout_points": [n, n + h],
               "members_class_counts": class_counts(ds.train.labels, num_classes).tolist(),
               "heldout": {"source": source, "indices": v_idx.tolist(),
@@ -127,7 +127,7 @@ def attack_population(ds: Dataset, cfg: Config) -> tuple[Population, int, dict]:
                                   num_classes)}}
     images = ImageArrays(np.concatenate([ds.train.images, held.images]),
                          np.concatenate([ds.train.labels, held.labels]))
-    return Population(images, ds.mean, ds.std, cfg.data.flip, aux=aux), n, record
+    return Population(images, ds.mean, ds.std, cfg.data.flip, num_classes=num_classes, aux=aux), n, record
 
 
 def evaluation_queries(point: int, excluded: np.ndarray, n: int, n_population: int, cfg: AttackConfig,

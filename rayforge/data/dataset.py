@@ -11,14 +11,15 @@ from typing import Callable
 import numpy as np
 
 from rayforge.config import DataConfig
-from rayforge.data import cifar10, idx
+from rayforge.data import cifar10, idx, imagefolder
 from rayforge.data.arrays import ImageArrays, arrays_sha256
 from rayforge.data.cache import Source, cache_dir, cached_arrays
 from rayforge.data.synthetic import make_synthetic
 from rayforge.errors import RayforgeError
 
 SPLITS = ("train", "test")
-KNOWN_DATASETS = ("cifar10", "mnist", "synthetic")
+KNOWN_DATASETS = ("cifar10", "imagefolder", "mnist", "synthetic")
+NUM_CLASSES = 10  # MNIST, CIFAR-10 and the synthetic set; an image folder has as many as its class folders
 # Fixed normalization constants (the usual published per-channel values), in [0, 1] pixel units.
 MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist": ((0.1307,), (0.3081,)),
@@ -74,10 +75,10 @@ def _download(spec: _FileDataset, root: Path) -> str | None:
         socket.setdefaulttimeout(previous)
 
 
-def _locate(dataset: str, split: str, data_root: str | None, fallback: bool = True) -> Source:
-    """data_root, then (with `fallback`) $RAYFORGE_DATA and torchvision's download into the cache; one error naming
-    every place searched."""
-    spec = FILE_DATASETS[dataset]
+def _search(data_root: str | None, probe: Callable[[Path], object],
+            fallback: bool = True) -> tuple[object | None, list[str]]:
+    """data_root, then (with `fallback`) $RAYFORGE_DATA: the first `probe(directory)` that is not a reason (a str),
+    and the reasons."""
     bases = [("data_root", data_root)]
     if fallback:
         bases.append(("$RAYFORGE_DATA", os.environ.get("RAYFORGE_DATA")))
@@ -87,10 +88,20 @@ def _locate(dataset: str, split: str, data_root: str | None, fallback: bool = Tr
             searched.append(f"{label}=<unset>")
             continue
         base = Path(base).expanduser()
-        found = _find_under(spec, base, dataset, split) if base.is_dir() else "no such dir"
-        if isinstance(found, Source):
-            return found
+        found = probe(base) if base.is_dir() else "no such dir"
+        if not isinstance(found, str):
+            return found, searched
         searched.append(f"{label}={base} ({found})")
+    return None, searched
+
+
+def _locate(dataset: str, split: str, data_root: str | None, fallback: bool = True) -> Source:
+    """data_root, then (with `fallback`) $RAYFORGE_DATA and torchvision's download into the cache; one error naming
+    every place searched."""
+    spec = FILE_DATASETS[dataset]
+    found, searched = _search(data_root, lambda base: _find_under(spec, base, dataset, split), fallback)
+    if found is not None:
+        return found
     if not fallback:
         raise RayforgeError(f"dataset '{dataset}' not found: need {spec.needs(split)}; searched {searched[0]} "
                             f"only (no fallback from an explicit data root)")
@@ -115,10 +126,32 @@ def _downloaded(spec: _FileDataset, dataset: str, split: str, searched: list[str
     return found
 
 
+def folder_root(data_root: str | None, fallback: bool = True) -> Path:
+    """An image folder's root: data_root, else (with `fallback`) $RAYFORGE_DATA, whichever holds train/ and test/
+    (no download)."""
+
+    def probe(base: Path) -> Path | str:
+        missing = [s for s in SPLITS if not (base / s).is_dir()]
+        return f"no {', '.join(missing)}/" if missing else base
+
+    found, searched = _search(data_root, probe, fallback)
+    if found is not None:
+        return found
+    raise RayforgeError(f"dataset 'imagefolder' not found: need {imagefolder.NEEDS}; searched {', '.join(searched)}")
+
+
 def load_split(dataset: str, split: str, data_root: str | None = None, fallback: bool = True) -> ImageArrays:
-    """One split of a file dataset as uint8 arrays: MNIST (N, 1, 28, 28), CIFAR-10 (N, 3, 32, 32). Without
-    `fallback`, only `data_root` is searched."""
+    """One split of a file dataset as uint8 arrays: MNIST (N, 1, 28, 28), CIFAR-10 (N, 3, 32, 32), an image folder
+    (N, C, H, W). Without `fallback`, only `data_root` is searched."""
     _check_name(dataset)
+    if dataset == "imagefolder":
+        if split not in SPLITS:
+            raise RayforgeError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
+        root = folder_root(data_root, fallback)
+        found = imagefolder.find_imagefolder(root, split)
+        if not isinstance(found, Source):
+            raise RayforgeError(f"dataset 'imagefolder': {found}")
+        return cached_arrays(dataset, split, found)
     if dataset not in FILE_DATASETS:
         raise RayforgeError(f"dataset '{dataset}' is generated, not loaded from files: use build_dataset")
     if split not in SPLITS:
@@ -136,6 +169,8 @@ class Dataset:
     subset_indices: np.ndarray | None  # int64, sorted, into the full training split; None when all is used
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    num_classes: int = NUM_CLASSES
+    classes: tuple[str, ...] | None = None  # an image folder's class names, label order
 
 
 def prepare_points(dataset: str, a: ImageArrays) -> ImageArrays:
@@ -161,8 +196,24 @@ def _raw_splits(cfg: DataConfig, seed: int, fallback: bool = True) -> tuple[Imag
         train, test = make_synthetic(cfg.synthetic_train, cfg.synthetic_test, cfg.synthetic_shape, seed)
         channels = train.images.shape[1]
         return train, test, (0.5,) * channels, (0.25,) * channels
+    if cfg.dataset == "imagefolder":  # normalised with its whole training split's own statistics
+        root = folder_root(cfg.data_root, fallback)
+        train, test = (load_split("imagefolder", split, str(root), fallback=False) for split in SPLITS)
+        imagefolder.check_splits(train, test, root)
+        return train, test, *imagefolder.channel_stats(train.images)
     train, test = (load_split(cfg.dataset, split, cfg.data_root, fallback) for split in SPLITS)
     return train, test, *MEAN_STD[cfg.dataset]
+
+
+def _classes(cfg: DataConfig, train: ImageArrays, fallback: bool) -> tuple[str, ...] | None:
+    """An image folder's class names in label order (None for the 10-class datasets)."""
+    if cfg.dataset != "imagefolder":
+        return None
+    root = folder_root(cfg.data_root, fallback)
+    classes = tuple(imagefolder.class_names(root / "train"))
+    if len(train) and train.labels.max() >= len(classes):  # a stale cache cannot get here: its key covers the folders
+        raise RayforgeError(f"{root}: labels do not match the {len(classes)} class folders")
+    return classes
 
 
 def training_split(cfg: DataConfig, seed: int, fallback: bool = True) -> ImageArrays:
@@ -175,12 +226,14 @@ def build_dataset(cfg: DataConfig, seed: int, fallback: bool = True) -> Dataset:
     """The run's data: loaded (or generated), subset by `seed` when cfg.subset is set, MNIST padded to 32x32.
     Without `fallback`, files are searched for only under cfg.data_root."""
     train, test, mean, std = _raw_splits(cfg, seed, fallback)
+    classes = _classes(cfg, train, fallback)
     chosen = None
     if cfg.subset is not None:
         chosen = draw_subset(len(train), cfg.subset, seed)
         train = train.take(chosen)
     train, test = prepare_points(cfg.dataset, train), prepare_points(cfg.dataset, test)
-    return Dataset(cfg.dataset, train, test, chosen, mean, std)
+    return Dataset(cfg.dataset, train, test, chosen, mean, std, NUM_CLASSES if classes is None else len(classes),
+                   classes)
 
 
 def dataset_info(ds: Dataset) -> dict:
@@ -195,4 +248,6 @@ def dataset_info(ds: Dataset) -> dict:
         "test_sha256": arrays_sha256(ds.test),
         "mean": list(ds.mean),
         "std": list(ds.std),
+        "num_classes": ds.num_classes,
+        **({"classes": list(ds.classes)} if ds.classes is not None else {}),
     }

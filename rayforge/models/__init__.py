@@ -7,9 +7,9 @@ Models containing BatchNorm (``vgg_mini``, ``resnet_mini``, ``wrn28_2``) update 
 place in train mode; vmap them in eval mode or after ``torch.func.replace_all_batch_norm_modules_``.
 """
 
-from rayforge.models.registry import build_model, model_names, param_count, register_model
+from rayforge.models.registry import build_model, is_code_reference, model_names, param_count, register_model
 
 # Importing the model modules registers them.
 from rayforge.models import cnn32, lenet5, logreg, resnet_mini, vgg_mini, wrn  # noqa: E402,F401
 
-__all__ = ["build_model", "model_names", "param_count", "register_model"]
+__all__ = ["build_model", "is_code_reference", "model_names", "param_count", "register_model"]

@@ -234,9 +234,16 @@ def _data_config(raw: Any, seed: int) -> DataConfig:
         raise MalformedArtifact(f"{MANIFEST}: 'dataset.config' is not a valid data config ({exc})") from None
 
 
-def _training(raw: Any) -> TrainingSpec:
-    from rayforge.models import model_names
+def _model_name(v: Any) -> str:
+    """A registered model, or `module:callable` (built by the verifier only when trusted)."""
+    from rayforge.models import is_code_reference, model_names
 
+    if type(v) is str and is_code_reference(v):
+        return v
+    return _str(v, "training.model", set(model_names()))
+
+
+def _training(raw: Any) -> TrainingSpec:
     raw = _keys(raw, TRAINING_KEYS, "training")
     shape = raw["in_shape"]
     if type(shape) is not list or len(shape) != 3:
@@ -245,7 +252,7 @@ def _training(raw: Any) -> TrainingSpec:
                 _int(shape[1], 1, MAX_SIDE, "training.in_shape[1]"),
                 _int(shape[2], 1, MAX_SIDE, "training.in_shape[2]"))
     return TrainingSpec(
-        model=_str(raw["model"], "training.model", set(model_names())),
+        model=_model_name(raw["model"]),
         in_shape=in_shape,
         batch_size=_int(raw["batch_size"], 1, MAX_POINTS, "training.batch_size"),
         momentum=_float(raw["momentum"], "training.momentum", 0.0, 1.0, hi_open=True),

@@ -35,7 +35,7 @@ def _original_final(run: TrainingRun) -> dict[str, torch.Tensor]:
     """The original log's final state (θ* and its buffers), checked against the model."""
     path = run.traj_dir / ckpt_name(run.total_steps)
     tensors = read_checkpoint(path)
-    model = new_model(run.cfg, run.info["shape"], torch.device("cpu"))
+    model = new_model(run.cfg, run.info["shape"], torch.device("cpu"), run.num_classes)
     check_state(tensors, model, str(path), need_velocity=bool(run.cfg.train.momentum))
     return tensors
 
@@ -129,7 +129,7 @@ def write_por(run: TrainingRun, point: int, members: np.ndarray, forged, first: 
 
     with staged_dir(out_dir) as tmp_dir:
         # Up to `start` the forged trajectory is the original one: its checkpoints, checked, byte for byte.
-        template = new_model(run.cfg, run.info["shape"], torch.device("cpu"))
+        template = new_model(run.cfg, run.info["shape"], torch.device("cpu"), run.num_classes)
         for c in (c for c in run.checkpoints if c <= start):
             src = run.traj_dir / ckpt_name(c)
             check_state(read_checkpoint(src), template, str(src), need_velocity=momentum)

@@ -49,7 +49,8 @@ from rayforge.config import TrainConfig
 from rayforge.data import Dataset, arrays_sha256, build_dataset, point_sha256
 from rayforge.errors import MalformedArtifact, RayforgeError, UnusableInput
 from rayforge.io import read_tensors
-from rayforge.models import build_model
+from rayforge.models import build_model, is_code_reference
+from rayforge.models.registry import UntrustedModelCode
 from rayforge.por.artifact import MANIFEST, STEPS_FILE, Manifest, l2_distance, model_sha256, params_of, \
     read_manifest
 from rayforge.train.batches import TensorData
@@ -226,6 +227,7 @@ class Request:
     data_root: Path | None
     model_path: str | None
     deployed: dict[str, torch.Tensor] | None  # the --model file's tensors, read before any replay
+    trust_model_code: bool = False  # build a `module:callable` model (imports and runs that code)
 
 
 def parse_selection(spec: str) -> tuple[str, int | None]:
@@ -254,7 +256,7 @@ def _readable_dir(path, name: str) -> Path:
 
 def make_request(por_dir, data_root=None, model_path=None, steps: str = "all", tol: float = DEFAULT_TOL,
                  tol_rel: float | None = None, seed: int | None = None, threads: int | None = None,
-                 device="cpu") -> Request:
+                 device="cpu", trust_model_code: bool = False) -> Request:
     """Check every argument, and read the deployed model: an unusable one fails here, before any replay."""
     por_dir = Path(por_dir)
     if not por_dir.is_dir():
@@ -271,7 +273,8 @@ def make_request(por_dir, data_root=None, model_path=None, steps: str = "all", t
         tol_rel=None if tol_rel is None else _tolerance(tol_rel, "--tol-rel"), threads=threads,
         device=torch.device(device), data_root=None if data_root is None else _readable_dir(data_root, "--data-root"),
         model_path=None if model_path is None else str(model_path),
-        deployed=None if model_path is None else read_tensors(model_path, "deployed model (--model)"))
+        deployed=None if model_path is None else read_tensors(model_path, "deployed model (--model)"),
+        trust_model_code=bool(trust_model_code))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -282,13 +285,14 @@ def _listed(values) -> str:
     return head + (f" (+{len(values) - MAX_LISTED} more)" if len(values) > MAX_LISTED else "")
 
 
-def _fresh_model(m: Manifest, device: torch.device, seed: int | None = None) -> nn.Module:
-    """The declared architecture; with `seed`, initialised as training does (`new_model`), without touching the
-    caller's RNG state."""
+def _fresh_model(m: Manifest, device: torch.device, seed: int | None = None,
+                 num_classes: int = NUM_CLASSES) -> nn.Module:
+    """The declared architecture for `num_classes` classes (the rebuilt dataset's); with `seed`, initialised as
+    training does (`new_model`), without touching the caller's RNG state."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(m.seed if seed is None else seed)
         try:
-            model = build_model(m.training.model, m.training.in_shape, NUM_CLASSES)
+            model = build_model(m.training.model, m.training.in_shape, num_classes)
         except RayforgeError as exc:
             raise MalformedArtifact(f"{MANIFEST}: 'training' does not describe a buildable model ({exc})") from None
     return model.to(device)
@@ -459,8 +463,8 @@ class Checkpoints:
     final: dict[str, torch.Tensor] | None = None
 
 
-def _is_initialisation(m: Manifest, tensors: dict[str, torch.Tensor]) -> bool:
-    init = _fresh_model(m, torch.device("cpu"), seed=m.seed)
+def _is_initialisation(m: Manifest, tensors: dict[str, torch.Tensor], num_classes: int = NUM_CLASSES) -> bool:
+    init = _fresh_model(m, torch.device("cpu"), seed=m.seed, num_classes=num_classes)
     expected = state_tensors(init, zero_velocity(init) if m.training.momentum else None)
     return all(torch.equal(tensors[k], v) for k, v in expected.items())
 
@@ -474,8 +478,8 @@ def _read_checkpoint(por_dir: Path, c: int, template: nn.Module, momentum: bool)
     return tensors, []
 
 
-def check_checkpoints(por_dir: Path, m: Manifest, present: set[int], template: nn.Module) -> tuple[Checkpoints,
-                                                                                                    list[Reason]]:
+def check_checkpoints(por_dir: Path, m: Manifest, present: set[int], template: nn.Module,
+                      num_classes: int = NUM_CLASSES) -> tuple[Checkpoints, list[Reason]]:
     """Every present checkpoint has exactly the declared model's tensors; checkpoint 0 is the seeded
     initialisation; the update norm of every segment whose two ends are readable. (Missing ones: `check_files`.)"""
     out, reasons, prev = Checkpoints(), [], None
@@ -491,7 +495,7 @@ def check_checkpoints(por_dir: Path, m: Manifest, present: set[int], template: n
         if prev is not None:
             out.update_norm[(prev[0], c)] = l2_distance(params, prev[1])
         prev = (c, params)
-        if c == 0 and not _is_initialisation(m, tensors):
+        if c == 0 and not _is_initialisation(m, tensors, num_classes):
             reasons.append(Reason("init", f"checkpoint 0 is not the {m.training.model} initialisation from seed "
                                           f"{m.seed} (with zero velocity)"))
         if c == m.checkpoints[-1]:
@@ -663,7 +667,7 @@ def check_claims(m: Manifest, template: nn.Module, final: dict[str, torch.Tensor
 def verify_por(por_dir: str | Path, data_root: str | Path | None = None, model_path: str | Path | None = None,
                steps: str = "all", tol: float = DEFAULT_TOL, seed: int | None = None, threads: int | None = None,
                device: str | torch.device = "cpu", tol_rel: float | None = None,
-               warn: Callable[[str], None] | None = None) -> VerifyReport:
+               warn: Callable[[str], None] | None = None, trust_model_code: bool = False) -> VerifyReport:
     """Verify the PoR in `por_dir`; see the module docstring for every check.
 
     data_root: where the dataset's files are (only there when given; else $RAYFORGE_DATA, else the download cache);
@@ -671,11 +675,14 @@ def verify_por(por_dir: str | Path, data_root: str | Path | None = None, model_p
     replay); tol: ℓ2 tolerance per replayed segment; tol_rel: also bound each segment's ℓ2 deviation by this
     fraction of its update norm; seed: for random:N (drawn and reported when None); threads: torch threads for the
     replay (default: the PoR's, capped at the local cores); warn: receives one-line warnings (default:
-    `warnings.warn`). Errors a verifier's input causes are UnusableInput or MalformedArtifact (exit 2).
+    `warnings.warn`); trust_model_code: a PoR whose model is `module:callable` (the owner's own architecture) is
+    only verified when this is set, since building it imports and runs that module. Errors a verifier's input
+    causes are UnusableInput or MalformedArtifact (exit 2).
     """
     previous_threads = torch.get_num_threads()
     try:
-        req = make_request(por_dir, data_root, model_path, steps, tol, tol_rel, seed, threads, device)
+        req = make_request(por_dir, data_root, model_path, steps, tol, tol_rel, seed, threads, device,
+                           trust_model_code)
         return _verify(req, warn or (lambda message: warnings.warn(message, stacklevel=4)))
     except RayforgeError as exc:
         if exc.exit_code == 2:
@@ -737,7 +744,7 @@ def check_before_replay(req: Request, m: Manifest, log: Steps, ds: Dataset, temp
     dataset_ok, found = check_dataset(m, ds)
     bad_index_steps, found_log = check_log(m, log, flat)
     notes, found_exclusion = check_exclusion(m, flat, ds.train)
-    ckpts, found_ckpts = check_checkpoints(req.por_dir, m, present, template)
+    ckpts, found_ckpts = check_checkpoints(req.por_dir, m, present, template, ds.num_classes)
     return Findings(reasons + found + found_log + found_exclusion + found_ckpts, notes, dataset_ok, bad_index_steps,
                     ckpts)
 
@@ -749,22 +756,35 @@ def replay_selected(req: Request, m: Manifest, log: Steps, ds: Dataset, found: F
                 for a, b in zip(m.checkpoints, m.checkpoints[1:])]
     selected = select_segments(segments, req.kind, req.count, m.steps_per_epoch, req.seed)
     replayer = Replayer(req.por_dir, log, TensorData(ds.train, ds.mean, ds.std, req.device),
-                        _fresh_model(m, req.device), SGDHyper(m.training.momentum, m.training.weight_decay)) \
+                        _fresh_model(m, req.device, num_classes=ds.num_classes),
+                        SGDHyper(m.training.momentum, m.training.weight_decay)) \
         if found.dataset_ok else None
     return segments, selected, check_replay(req, m, selected, replayer, found.ckpts, len(log), found.bad_index_steps)
+
+
+def _check_model_code(m: Manifest, trusted: bool) -> list[str]:
+    """A `module:callable` model is the owner's code: refuse it unless trusted; the note saying it ran."""
+    if not is_code_reference(m.training.model):
+        return []
+    if not trusted:
+        raise UntrustedModelCode(f"the PoR's model '{m.training.model}' is code to import and run; verify it only "
+                                 f"with --trust-model-code (trust_model_code=True), with that module on the path")
+    return [f"built the model by importing and running '{m.training.model}' (trusted model code)"]
 
 
 def _verify(req: Request, warn: Callable[[str], None]) -> VerifyReport:
     t0 = time.perf_counter()
     m, log = read_manifest(req.por_dir), _read_log(req.por_dir)
+    trusted_note = _check_model_code(m, req.trust_model_code)
     threads, warning = replay_threads(m.training.threads, req.threads)
     if warning:
         warn(warning)
     set_determinism(threads)
     ds = _load_dataset(m, req.data_root)
-    template = _fresh_model(m, torch.device("cpu"))
+    template = _fresh_model(m, torch.device("cpu"), num_classes=ds.num_classes)
     timing = {"dataset_s": time.perf_counter() - t0}
     found = check_before_replay(req, m, log, ds, template)
+    found.notes += trusted_note
     timing["checks_s"] = time.perf_counter() - t0 - timing["dataset_s"]
     segments, selected, replay_reasons = replay_selected(req, m, log, ds, found)
     timing["replay_s"] = time.perf_counter() - t0 - timing["dataset_s"] - timing["checks_s"]

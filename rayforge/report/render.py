@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rayforge.audit.figure import audit_report
 from rayforge.config import WandbConfig
 from rayforge.io import atomic_write, atomic_write_json, atomic_write_text
 from rayforge.report.metrics import KINDS, compute_metrics
@@ -169,7 +170,7 @@ def write_report(run_dir: str | Path, strategy: str | None = None, wandb_cfg: Wa
     out = Path(run_dir) / "report"
     out.mkdir(exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_text(out / "tables.md", tables_md(metrics))
+    atomic_write_text(out / "tables.md", tables_md(metrics) + audit_report(run_dir))  # "" until `rayforge audit`
     s = metrics["setting"]
     paths = figures(metrics, figs, out, f"{s['dataset']} {s['model']} n={s['n']}")
     run = TrainingRun.open(run_dir)

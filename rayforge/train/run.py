@@ -22,7 +22,7 @@ from rayforge.train.batches import TensorData
 from rayforge.train.log import Steps, check_state, ckpt_name, list_checkpoints, load_state, read_checkpoint, read_steps
 from rayforge.train.sgd import SGDHyper, zero_velocity
 
-NUM_CLASSES = 10
+NUM_CLASSES = 10  # logs written before dataset.json recorded "num_classes" were all 10-class
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,10 +45,10 @@ def hyper_of(cfg: Config) -> SGDHyper:
     return SGDHyper(momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
 
 
-def new_model(cfg: Config, in_shape, device: torch.device) -> nn.Module:
+def new_model(cfg: Config, in_shape, device: torch.device, num_classes: int = NUM_CLASSES) -> nn.Module:
     """The model of the config, initialised from the run seed (θ₀ of the log)."""
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model.name, tuple(in_shape), NUM_CLASSES).to(device)
+    return build_model(cfg.model.name, tuple(in_shape), num_classes).to(device)
 
 
 @dataclass
@@ -80,7 +80,8 @@ class TrainingRun:
             info = json.loads((run_dir / "dataset.json").read_text())
         except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise MalformedArtifact(f"{run_dir}: unreadable config.yaml or dataset.json ({exc})") from None
-        if not isinstance(raw, dict) or not isinstance(info, dict) or not isinstance(info.get("n"), int):
+        if not isinstance(raw, dict) or not isinstance(info, dict) or not isinstance(info.get("n"), int) or \
+                not isinstance(info.get("num_classes", NUM_CLASSES), int):
             raise MalformedArtifact(f"{run_dir}: config.yaml or dataset.json has the wrong structure")
         cfg = config_from_dict(raw)
         steps = read_steps(run_dir / "trajectory" / "steps.parquet", n_points=info["n"])
@@ -89,6 +90,10 @@ class TrainingRun:
             raise MalformedArtifact(f"{run_dir}/trajectory: checkpoints must include step 0 and the last step "
                                     f"{len(steps)}; found {ckpts[:3]}...{ckpts[-3:]}")
         return cls(run_dir, cfg, info, steps, ckpts)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.info.get("num_classes", NUM_CLASSES))
 
     def device(self) -> torch.device:
         return resolve_device(self.cfg.train.device)
@@ -108,7 +113,7 @@ class TrainingRun:
         """A model and its momentum buffers restored from the checkpoint at `step` (which must exist)."""
         if step not in self.checkpoints:
             raise RayforgeError(f"no checkpoint at step {step} (have {self.checkpoints})")
-        model = new_model(self.cfg, self.info["shape"], device)
+        model = new_model(self.cfg, self.info["shape"], device, self.num_classes)
         velocity = zero_velocity(model)
         path = self.traj_dir / ckpt_name(step)
         tensors = read_checkpoint(path)

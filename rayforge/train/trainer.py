@@ -53,7 +53,7 @@ def _train_into(cfg: Config, run_dir: Path, progress: bool, final_dir: Path) -> 
 
     train_data = TensorData(ds.train, ds.mean, ds.std, device)
     test_data = TensorData(ds.test, ds.mean, ds.std, device)
-    model = new_model(cfg, info["shape"], device)
+    model = new_model(cfg, info["shape"], device, ds.num_classes)
     velocity = zero_velocity(model)
     hyper = hyper_of(cfg)
     kept_velocity = velocity if hyper.momentum else None  # optimizer state exists only with momentum
