@@ -27,6 +27,25 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
                           help="Override a config value, e.g. --set train.epochs=2 (repeatable).")
 
 
+def _run_path(ctx, param, value):
+    """Run paths are absolute from here on (see rayforge.ray_utils.resolve_run_path: inside a Ray job a relative
+    path would land in Ray's temporary working directory)."""
+    if value is None:
+        return None
+    from rayforge.ray_utils import resolve_run_path
+
+    try:
+        return str(resolve_run_path(value))
+    except RayforgeError as exc:  # one line, as from any command
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+run_dir_arg = click.argument("run_dir", type=click.Path(file_okay=False), callback=_run_path)
+out_option = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), callback=_run_path,
+                          help="Run directory to create.")
+
+
 @click.group()
 @click.version_option(package_name="rayforge")
 def main():
@@ -45,7 +64,7 @@ def models():
 
 @main.command(name="train")
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
+@out_option
 @set_option
 @user_errors
 def train_cmd(config, out_dir, overrides):
@@ -60,7 +79,7 @@ def train_cmd(config, out_dir, overrides):
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@run_dir_arg
 @click.option("--from", "start", type=int, required=True, help="Checkpoint step to start from.")
 @click.option("--to", "stop", type=int, required=True, help="Checkpoint step to reproduce.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: the run's).")
@@ -76,7 +95,7 @@ def replay(run_dir, start, stop, threads):
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@run_dir_arg
 @click.option("--strategy", default=None, help="Forging strategy (default: the config's, 'paper').")
 @click.option("--kappa", type=int, default=None, help="Number of parts κ per step (default: the config's).")
 @click.option("--mu", type=int, default=None, help="Candidate minibatches μ per (step, part).")
@@ -103,7 +122,7 @@ def forge(run_dir, strategy, kappa, mu, lam, dsub_size, points, actors):
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@run_dir_arg
 @click.option("--strategy", default=None, help="Phase-1 output to rebuild from (default: the config's).")
 @click.option("--actors", type=int, default=None, help="Rebuild actors (default: the config's ray.actors).")
 @click.option("--method", type=click.Choice(["sequential", "batched"]), default="sequential",
@@ -117,15 +136,14 @@ def rebuild(run_dir, strategy, actors, method, groups_per_unit, save_models):
     from rayforge.train.run import TrainingRun
 
     cfg = TrainingRun.open(run_dir).cfg
-    params = RebuildParams(strategy or cfg.forge.strategy, method, groups_per_unit,
-                           max(1, int(cfg.ray.num_cpus_per_actor)))
+    params = RebuildParams(strategy or cfg.forge.strategy, method, groups_per_unit)
     s = run_rebuild(run_dir, params, actors or cfg.ray.actors, cfg.ray, cfg.wandb, save_models=save_models)
     click.echo(f"rebuilt {s['groups']} forged models: d_theta median {s['d_theta_median']:.3g} "
                f"p90 {s['d_theta_p90']:.3g}")
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@run_dir_arg
 @click.option("--strategy", default=None, help="Phase-1 output to evaluate (default: the config's).")
 @click.option("--points", type=int, default=None,
               help="Sampling approximation: forge (if not yet done) for N sampled points only.")
@@ -144,7 +162,7 @@ def attack(run_dir, strategy, points, actors, save_models):
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@run_dir_arg
 @click.option("--strategy", default="paper", help="Strategy whose attack-stage output to report.")
 @user_errors
 def report(run_dir, strategy):
@@ -157,7 +175,7 @@ def report(run_dir, strategy):
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@run_dir_arg
 @click.option("--point", type=int, required=True, help="Index of the challenged training point.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="PoR directory to create.")
 @click.option("--strategy", default=None, help="Phase-1 output to build from (default: the config's).")
@@ -212,7 +230,7 @@ def verify(por_dir, data_root, model_path, selection, tol, seed, as_json):
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
+@out_option
 @set_option
 @user_errors
 def run(config, out_dir, overrides):

@@ -1,35 +1,45 @@
-"""The attack stage on Ray: shadow models trained by actors (once, stored under the run), attacks prepared from
-them, the original model scored once, then phase 2 run with a consumer that scores every forged model in the
-rebuild actor that built it (forged models never travel and are dropped after scoring unless asked to keep them).
+"""The attack stage on Ray: shadow models trained by actors (once, stored under the run), then the original model
+scored once and phase 2 run with a consumer that scores every forged model in the rebuild actor that built it
+(forged models never travel and are dropped after scoring unless asked to keep them).
+
+Only the driver reads and writes the run directory. Workers receive the run with its dataset (one `ray.put`) and the
+shadows' states and logits through the object store, and compute on what Ray assigned them: shadow actors, the task
+that scores the original model, and rebuild actors each rebuild the attack population and prepare the attacks from
+the shadows themselves (deterministic, so every worker holds the same fitted attacks), which keeps the driver free of
+model computation and the population off the head node.
 
 Outputs, under RUN/attack/:
   population.json                      who is in the attack population (see rayforge.attacks.evaluate)
-  shadows/                             the shadow models, their IN/OUT mask and cached logits (safetensors, JSON)
+  shadows/shadow-<kkk>.safetensors     shadow k: its state (param/*, buffer/*) and its logits on the population
+                                       (logits/plain, logits/flip); each saved as it lands, so shadows resume
   <strategy>/original.parquet          every population point scored on the original model, per attack
   <strategy>/scores.parquet            per evaluated point and attack: its Diff/Common/Validation queries on its
                                        forged model (ids, scores, predictions)
   <strategy>/distances.parquet         d_θ per group (phase 2)
+  <strategy>/summary.json              phase 2's summary, with where every actor and task ran (placement)
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
-from rayforge.attacks.base import Attack, build_attack
+from rayforge.attacks.base import Attack, Population, build_attack, model_logits
 from rayforge.attacks.evaluate import ForgedModelScorer, attack_population, score_all
 from rayforge.attacks.shadows import ShadowSet, balanced_in_mask, shadow_seed, train_shadow
 from rayforge.config import Config, RayConfig, WandbConfig
 from rayforge.errors import RayforgeError
-from rayforge.rebuild.driver import RebuildParams, run_rebuild
-from rayforge.stage import run_units
-from rayforge.train.log import state_tensors
 from rayforge.io import atomic_write_json, read_tensors, save_tensors, write_parquet
-from rayforge.train.run import TrainingRun
+from rayforge.ray_utils import actor_options, placement, ray_session, unwrap
+from rayforge.rebuild.driver import RebuildParams, run_rebuild
+from rayforge.stage import StageWorker, Unit, run_units
+from rayforge.train.log import state_tensors
+from rayforge.train.run import TrainingRun, use_threads
 
 SCORES_SCHEMA = pa.schema([
     ("point", pa.int64()), ("group", pa.int64()), ("attack", pa.string()), ("kind", pa.list_(pa.string())),
@@ -46,117 +56,152 @@ def attack_root(run_dir: Path) -> Path:
 
 
 def shadow_train_config(cfg: Config):
-    import dataclasses
-
     return dataclasses.replace(cfg.train, epochs=cfg.attack.shadow_epochs or cfg.train.epochs)
 
 
-class ShadowWorker:
-    """A shadow-training actor: holds the population once, trains shadow k on its half."""
+def shadow_model_name(cfg: Config) -> str:
+    return cfg.attack.shadow_model or cfg.model.name
 
-    def __init__(self, run_dir: str):
-        self.run = TrainingRun.open(run_dir)
-        import torch
 
-        torch.set_num_threads(max(1, int(self.run.cfg.ray.num_cpus_per_actor)))
-        self.pop, _ = attack_population(self.run.load_dataset(), self.run.cfg.data.flip, self.run.cfg.attack.holdout)
+class ShadowWorker(StageWorker):
+    """A shadow-training actor: builds the population once from the run the driver sent, then trains shadow k on
+    its half and returns the shadow's state and its logits on every population point."""
+
+    def __init__(self, run: TrainingRun):
+        use_threads(run.threads)
+        self.run = run
+        pop, _ = attack_population(run.load_dataset(), run.cfg.data.flip, run.cfg.attack.holdout)
+        device = run.device()
+        self.pop = pop if device.type == "cpu" else dataclasses.replace(pop, device=str(device))
 
     def train(self, k: int) -> dict:
         cfg = self.run.cfg
         in_mask = balanced_in_mask(cfg.attack.shadows, len(self.pop), cfg.seed)
-        model = train_shadow(self.pop, np.flatnonzero(in_mask[k]), cfg.attack.shadow_model or cfg.model.name,
-                             shadow_train_config(cfg), shadow_seed(cfg.seed, k))
-        return state_tensors(model, None)
+        model = train_shadow(self.pop, np.flatnonzero(in_mask[k]), shadow_model_name(cfg), shadow_train_config(cfg),
+                             shadow_seed(cfg.seed, k))
+        logits = {f"logits/{name}": torch.from_numpy(model_logits(model, self.pop, flip=flip))
+                  for name, flip in (("plain", False), ("flip", True))}
+        return {**state_tensors(model, None), **logits}
 
 
-def train_shadows(run: TrainingRun, pop, actors: int, progress: bool) -> ShadowSet:
-    """Train (or load) the run's shadow models; each finished shadow is saved at once, so this stage resumes."""
-    cfg = run.cfg
+def train_shadows(run: TrainingRun, run_ref, actors: int | str, ray_cfg: RayConfig, progress: bool):
+    """Train the run's shadow models not yet on disk (each saved as it lands); their tensors, and where they ran."""
     directory = attack_root(run.run_dir) / "shadows"
-    if (directory / "shadows.json").is_file():
-        return ShadowSet.load(directory, pop)
-    parts = attack_root(run.run_dir) / "shadow-parts"
-    parts.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    count = run.cfg.attack.shadows
 
     def part(k: int) -> Path:
-        return parts / f"shadow-{k:03d}.safetensors"
+        return directory / f"shadow-{k:03d}.safetensors"
 
-    def save(unit, state) -> None:
-        save_tensors(part(unit[0]), state)
-
-    todo = [(k,) for k in range(cfg.attack.shadows) if not part(k).is_file()]
-    run_units(todo, ShadowWorker, (str(run.run_dir),), "train", cfg.ray, actors, save, "shadows",
-              cfg.attack.shadows, progress)
-    states = [read_tensors(part(k)) for k in range(cfg.attack.shadows)]
-    shadows = ShadowSet(pop, cfg.attack.shadow_model or cfg.model.name,
-                        balanced_in_mask(cfg.attack.shadows, len(pop), cfg.seed), states)
-    shadows.save(directory)
-    return shadows
+    todo = [Unit((k,), "train", (k,)) for k in range(count) if not part(k).is_file()]
+    result = run_units(todo, ShadowWorker, (run_ref,), ray_cfg, actors, lambda unit, t: save_tensors(part(unit[0]), t),
+                       "shadows", count, progress)
+    return [read_tensors(part(k), "shadow model") for k in range(count)], result.placement
 
 
-def prepare_attacks(cfg: Config, pop, shadows: ShadowSet) -> dict[str, Attack]:
-    """Every configured attack, fitted on the shadows only (MIDA only when the target trained with flips)."""
+def attack_names(cfg: Config) -> list[str]:
+    """Every configured attack that can run (MIDA only when the target trained with flips)."""
+    return [name for name in cfg.attack.attacks if name != "mida" or cfg.data.flip]
+
+
+def prepare_attacks(cfg: Config, pop: Population, shadows: ShadowSet) -> dict[str, Attack]:
+    """Every configured attack that can run, fitted on the shadows only."""
     attacks = {}
-    for name in cfg.attack.attacks:
-        if name == "mida" and not cfg.data.flip:
-            continue
+    for name in attack_names(cfg):
         attack = build_attack(name)
         attack.prepare(pop, shadows)
         attacks[name] = attack
     return attacks
 
 
+def attack_context(run: TrainingRun, shadow_tensors: list[dict]) -> tuple[Population, int, dict[str, Attack]]:
+    """In a worker: the population, n, and the attacks prepared from the shadows the driver sent."""
+    cfg = run.cfg
+    pop, n = attack_population(run.load_dataset(), cfg.data.flip, cfg.attack.holdout)
+    states = [{k: v for k, v in t.items() if not k.startswith("logits/")} for t in shadow_tensors]
+    logits = {flip: np.stack([t[f"logits/{name}"].numpy() for t in shadow_tensors])
+              for name, flip in (("plain", False), ("flip", True))}
+    shadows = ShadowSet(pop, shadow_model_name(cfg), balanced_in_mask(cfg.attack.shadows, len(pop), cfg.seed),
+                        states, logits)
+    return pop, n, prepare_attacks(cfg, pop, shadows)
+
+
+def forged_model_scorer(run: TrainingRun, shadow_tensors: list[dict]) -> ForgedModelScorer:
+    """The consumer each rebuild actor builds once: scores every forged model it rebuilds."""
+    pop, n, attacks = attack_context(run, shadow_tensors)
+    return ForgedModelScorer(attacks, n, len(pop), run.cfg.attack, run.cfg.seed)
+
+
+def score_original(run: TrainingRun, shadow_tensors: list[dict], final_state: dict) -> dict:
+    """A task: every population point scored on the original model by every attack, and where that ran."""
+    use_threads(run.threads)
+    pop, n, attacks = attack_context(run, shadow_tensors)
+    model, _ = run.model_from_state(final_state, run.device(), "the final checkpoint")
+    return {"n": n, "size": len(pop), "scores": score_all(attacks, model, pop.ids), "placement": placement()}
+
+
 def _scores_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
 
 
-def run_attack(run_dir: str | Path, strategy: str, actors: int, ray_cfg: RayConfig, wandb_cfg: WandbConfig,
+def run_attack(run_dir: str | Path, strategy: str, actors: int | str, ray_cfg: RayConfig, wandb_cfg: WandbConfig,
                progress: bool = True, max_units: int | None = None, save_models: int = 0,
                groups_per_unit: int = 4) -> dict | None:
-    """Shadows, attacks, original scores, then rebuild + scoring of every forged model (resumable)."""
+    """Shadows, original scores, then rebuild + scoring of every forged model (resumable)."""
     run = TrainingRun.open(run_dir)
     cfg = run.cfg
-    ds = run.load_dataset()
-    pop, n = attack_population(ds, cfg.data.flip, cfg.attack.holdout)
-    root = attack_root(run.run_dir)
-    root.mkdir(exist_ok=True)
-    atomic_write_json(root / "population.json", {
-        "members": [0, n], "heldout_test_points": [n, len(pop)], "flip": cfg.data.flip,
-        "shadows": cfg.attack.shadows, "shadow_model": cfg.attack.shadow_model or cfg.model.name,
-        "shadow_epochs": shadow_train_config(cfg).epochs, "common_per_point": cfg.attack.common,
-        "validation_per_point": cfg.attack.validation})
-    shadows = train_shadows(run, pop, actors, progress)
-    attacks = prepare_attacks(cfg, pop, shadows)
-    if not attacks:
+    if not attack_names(cfg):
         raise RayforgeError("attack: no attack to run (attack.attacks is empty, or only mida without flips)")
+    root = attack_root(run.run_dir)
     out = root / strategy
     (out / "score-units").mkdir(parents=True, exist_ok=True)
-    original_model, _ = run.model_at(run.total_steps, run.device())
-    original = score_all(attacks, original_model, pop.ids)
-    write_parquet(out / "original.parquet", pa.table({
-        "id": np.tile(pop.ids, len(original)),
-        "attack": np.repeat(list(original), len(pop)),
-        "score": np.concatenate([v["score"] for v in original.values()]),
-        "pred": np.concatenate([v["pred"] for v in original.values()]).astype(bool),
-        "member": np.tile(pop.ids < n, len(original)),
-    }, schema=ORIGINAL_SCHEMA))
+    with ray_session(ray_cfg) as ray:
+        run_ref = ray.put(run.detach())
+        shadow_tensors, shadow_placement = train_shadows(run, run_ref, actors, ray_cfg, progress)
+        shadows_ref = ray.put(shadow_tensors)
+        task = ray.remote(score_original).options(**actor_options(ray_cfg), max_retries=0)
+        try:
+            original = ray.get(task.remote(run_ref, shadows_ref, ray.put(run.checkpoint(run.total_steps))))
+        except ray.exceptions.RayTaskError as exc:
+            raise unwrap(exc) from None
+        _write_original(root, out, cfg, original)
 
-    def on_consumed(first: int, outputs: list) -> None:
-        write_parquet(out / "score-units" / f"groups-{first:08d}.parquet",
-                      _scores_table([row for rows in outputs for row in rows]))
+        def on_consumed(first: int, outputs: list) -> None:
+            write_parquet(out / "score-units" / f"groups-{first:08d}.parquet",
+                          _scores_table([row for rows in outputs for row in rows]))
 
-    factory = functools.partial(ForgedModelScorer, attacks, n, len(pop), cfg.attack, cfg.seed)
-    params = RebuildParams(strategy=strategy, groups_per_unit=groups_per_unit,
-                           threads=max(1, int(cfg.ray.num_cpus_per_actor)))
-    summary = run_rebuild(run.run_dir, params, actors, ray_cfg, wandb_cfg, save_models=save_models,
-                          progress=progress, max_units=max_units, consumer_factory=factory,
-                          on_consumed=on_consumed, stage="attack")
+        params = RebuildParams(strategy=strategy, groups_per_unit=groups_per_unit)
+        summary = run_rebuild(run.run_dir, params, actors, ray_cfg, wandb_cfg, save_models=save_models,
+                              progress=progress, max_units=max_units, consumer_factory=forged_model_scorer,
+                              consumer_args=(run_ref, shadows_ref), on_consumed=on_consumed, stage="attack")
     if summary is None:
         return None
     units = sorted((out / "score-units").glob("groups-*.parquet"))
     table = pa.concat_tables([pq.read_table(p) for p in units]).sort_by([("point", "ascending"),
                                                                         ("attack", "ascending")])
     write_parquet(out / "scores.parquet", table)
-    summary.update({"evaluated_points": int(len(np.unique(table.column("point").to_numpy()))),
-                    "attacks": sorted(attacks)})
+    summary.update({
+        "evaluated_points": int(len(np.unique(table.column("point").to_numpy()))), "attacks": sorted(original["scores"]),
+        "placement": ([{**p, "role": "shadows"} for p in shadow_placement]
+                      + [{**original["placement"], "units": 1, "role": "original"}]
+                      + [{**p, "role": "rebuild"} for p in summary["placement"]])})
+    atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _write_original(root: Path, out: Path, cfg: Config, original: dict) -> None:
+    """population.json, and every population point's scores on the original model (original.parquet)."""
+    n, size, scores = original["n"], original["size"], original["scores"]
+    atomic_write_json(root / "population.json", {
+        "members": [0, n], "heldout_test_points": [n, size], "flip": cfg.data.flip,
+        "shadows": cfg.attack.shadows, "shadow_model": shadow_model_name(cfg),
+        "shadow_epochs": shadow_train_config(cfg).epochs, "common_per_point": cfg.attack.common,
+        "validation_per_point": cfg.attack.validation})
+    ids = np.arange(size, dtype=np.int64)
+    write_parquet(out / "original.parquet", pa.table({
+        "id": np.tile(ids, len(scores)),
+        "attack": np.repeat(list(scores), size),
+        "score": np.concatenate([v["score"] for v in scores.values()]),
+        "pred": np.concatenate([v["pred"] for v in scores.values()]).astype(bool),
+        "member": np.tile(ids < n, len(scores)),
+    }, schema=ORIGINAL_SCHEMA))

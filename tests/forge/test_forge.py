@@ -13,7 +13,8 @@ from rayforge.errors import RayforgeError
 from rayforge.forge.algorithm1 import forge_point_naive
 from rayforge.forge.algorithm2 import candidate_rng, draw_candidates
 from rayforge.forge.driver import run_forge
-from rayforge.forge.engine import (ForgeContext, ForgeParams, forge_dir, forge_unit, plan_units, read_forged)
+from rayforge.forge.engine import (ForgeContext, ForgeParams, auto_window, forge_dir, forge_unit, plan_units,
+                                   read_forged)
 from rayforge.forge.splits import Splits
 from rayforge.train.replay import replay_steps
 from rayforge.train.run import TrainingRun
@@ -166,7 +167,7 @@ def test_one_and_two_actors_and_resume_give_identical_bytes(ray_local, trained_r
     assert run_forge(tmp_path / "resumed", params, 2, cfg.ray, cfg.wandb, progress=False, max_units=3) is None
     done_units = []
     run_forge(tmp_path / "resumed", params, 2, cfg.ray, cfg.wandb, progress=False, on_unit=done_units.append)
-    assert len(done_units) == len(plan_units(runs["one"].checkpoints, 2)) - 3
+    assert len(done_units) == len(plan_units(runs["one"].checkpoints, 2, window=auto_window(12))) - 3
     assert _forged_bytes(tmp_path / "resumed") == _forged_bytes(tmp_path / "one")
     table = read_forged(forge_dir(tmp_path / "one", "paper") / "forged.parquet", kappa=2, n_points=60)
     assert len(table) == 24 and summary["grad_evals"] == 24 * 3 + 12  # μ per (step, part) + one replay per step
