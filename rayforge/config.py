@@ -122,12 +122,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        for candidate in inner[:-1]:  # the first type that accepts the value; the last one reports the error
+        if len(inner) == 1:
+            return _coerce(value, inner[0], where)
+        for candidate in inner:  # the first type that accepts the value
             try:
                 return _coerce(value, candidate, where)
             except RayforgeError:
                 pass
-        return _coerce(value, inner[-1], where)
+        names = " or ".join(getattr(t, "__name__", str(t)) for t in inner)
+        raise RayforgeError(f"config: '{where}' must be {names}, got {value!r}")
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise RayforgeError(f"config: '{where}' must be a mapping, got {value!r}")

@@ -60,10 +60,12 @@ def _gcs_endpoint(address: str) -> str:
     return endpoint
 
 
-def check_reachable(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Refuse, within `timeout` seconds, a cluster whose GCS (or Ray Client server) does not answer gRPC."""
+def check_reachable(address: str, timeout: float | None = None) -> None:
+    """Refuse, within `timeout` seconds (PROBE_TIMEOUT_S), a cluster whose GCS (or Ray Client server) does not
+    answer gRPC."""
     import grpc
 
+    timeout = timeout or PROBE_TIMEOUT_S
     endpoint = _gcs_endpoint(address)
     channel = grpc.insecure_channel(endpoint)
     try:

@@ -120,8 +120,11 @@ class _Stage:
         if isinstance(cause, RayforgeError):
             raise cause from None
         if getattr(exc, "actor_init_failed", False):  # a broken worker, not a lost one: retrying cannot help
-            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-            raise RayforgeError(f"{self.desc}: a worker failed to start: {lines[-1].strip()}") from None
+            last = [ln for ln in str(exc).splitlines() if ln.strip()][-1].strip()
+            kind, _, message = last.partition(": ")
+            if kind.startswith("rayforge.errors."):  # bad input found by the worker's constructor
+                raise RayforgeError(f"{self.desc}: {message}") from None
+            raise RayforgeError(f"{self.desc}: a worker failed to start: {last}") from None
         self.replacements += 1
         if self.replacements > MAX_REPLACEMENTS_PER_ACTOR * len(self.slots):
             raise RayforgeError(f"{self.desc}: actors keep dying ({self.replacements} replaced); last: "

@@ -178,7 +178,7 @@ def run_attack(run_dir: str | Path, strategy: str, actors: int | str, ray_cfg: R
         return None
     units = sorted((out / "score-units").glob("groups-*.parquet"))
     table = pa.concat_tables([pq.read_table(p) for p in units]).sort_by([("point", "ascending"),
-                                                                        ("attack", "ascending")])
+                                                                        ("attack", "ascending")]).combine_chunks()
     write_parquet(out / "scores.parquet", table)
     summary.update({
         "evaluated_points": int(len(np.unique(table.column("point").to_numpy()))), "attacks": sorted(original["scores"]),

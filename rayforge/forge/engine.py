@@ -286,7 +286,10 @@ def merge_units(out: Path, units: list[tuple[int, int, int]]) -> pa.Table:
     tables = [read_unit(unit_path(out, unit)) for unit in units]
     if any(t is None for t in tables):
         raise RayforgeError(f"{out}: cannot merge, some units are missing")
+    # One chunk per column and the schema's own field names (units read back from Parquet name list items
+    # "element"): the file's bytes then depend on the rows only, not on how units cut the log.
     table = pa.concat_tables(tables).sort_by([("step", "ascending"), ("part", "ascending")])
+    table = table.cast(FORGED_SCHEMA).combine_chunks()
     write_parquet(out / "forged.parquet", table)
     return table
 

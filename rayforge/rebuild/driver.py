@@ -148,7 +148,7 @@ def run_rebuild(run_dir: str | Path, params: RebuildParams, actors: int | str, r
                            len(units), progress, max_units)
         if result.ran < len(todo):
             return None
-        table = pa.concat_tables([_read_unit(_unit_path(out, first)) for first, _ in units])
+        table = pa.concat_tables([_read_unit(_unit_path(out, first)) for first, _ in units]).combine_chunks()
         write_parquet(out / "distances.parquet", table)
         d = table.column("d_theta").to_numpy()
         summary = {"groups": len(table), "d_theta_median": float(np.median(d)),

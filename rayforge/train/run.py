@@ -110,8 +110,11 @@ class TrainingRun:
         return cls(run_dir, cfg, info, steps, ckpts)
 
     @property
-    def threads(self) -> int | None:
+    def threads(self) -> int:
         """The torch thread count the log was trained with (resolved and recorded by the trainer)."""
+        if not self.cfg.train.threads:
+            raise RayforgeError(f"{self.run_dir}: the log records no thread count (train.threads), so no replay "
+                                f"can be exact; retrain with train.threads set")
         return self.cfg.train.threads
 
     def device(self) -> torch.device:

@@ -60,12 +60,19 @@ def _brute_force_check(run: TrainingRun, params: ForgeParams, table, steps_to_ch
             assert not np.isin(idx[best], np.flatnonzero(point_parts == k)).any()
 
 
-def _forge_local(run: TrainingRun, params: ForgeParams):
-    ctx = ForgeContext(run, params)
-    from rayforge.forge.engine import unit_table
+def _forge_local(run: TrainingRun, params: ForgeParams, window: int | None = None):
+    """Phase 1 in-process; with `window`, windows inside a segment start from `original_states`, as on Ray."""
     import pyarrow as pa
 
-    tables = [unit_table(forge_unit(ctx, a, b, parts)["columns"]) for a, b, parts in plan_units(run.checkpoints, params.kappa)]
+    from rayforge.forge.engine import original_states, unit_table
+
+    ctx = ForgeContext(run, params)
+    tables = []
+    for a, b in zip(run.checkpoints, run.checkpoints[1:]):
+        units = plan_units([a, b], params.kappa, window=window)
+        inner = sorted({u[0] for u in units if u[0] != a})
+        states = dict(zip(inner, original_states(ctx, a, inner))) if inner else {}
+        tables += [unit_table(forge_unit(ctx, w, stop, parts, states.get(w))["columns"]) for w, stop, parts in units]
     return pa.concat_tables(tables).sort_by([("step", "ascending"), ("part", "ascending")])
 
 
@@ -75,6 +82,7 @@ def test_stored_candidate_is_the_brute_force_argmin(trained_run):
     table = _forge_local(run, params)
     assert len(table) == run.total_steps * 2
     _brute_force_check(run, params, table, steps_to_check=[0, 4, 11])
+    assert _forge_local(run, params, window=1).equals(table)  # two windows inside each segment
 
 
 def test_batchnorm_model_with_flips_and_modified_sgd(tmp_path, make_config):
@@ -88,6 +96,8 @@ def test_batchnorm_model_with_flips_and_modified_sgd(tmp_path, make_config):
     table = _forge_local(run, params)
     _brute_force_check(run, params, table, steps_to_check=[1, 3])
     assert any(any(f) for f in table.column("flip").to_pylist())  # candidates drew flips
+    # Windows inside a checkpoint segment continue the same replay bit for bit (BatchNorm buffers, momentum).
+    assert _forge_local(run, params, window=1).equals(table)
 
 
 def test_no_forged_batch_contains_its_part(trained_run):
