@@ -68,12 +68,19 @@ def models():
 @set_option
 @user_errors
 def train_cmd(config, out_dir, overrides):
-    """Train per CONFIG and write the training log to --out."""
+    """Train per CONFIG and write the training log to --out (inside a Ray job: in a Ray task, see below)."""
     from rayforge.config import load_config
-    from rayforge.train.trainer import train
+    from rayforge.ray_utils import in_ray_job
 
     cfg = load_config(config, overrides)
-    summary = train(cfg, out_dir)
+    if in_ray_job():  # the job's driver sits on the head node: train in a task placed where the config says
+        from rayforge.pipeline import train_stage
+
+        summary = train_stage(cfg, out_dir)
+    else:
+        from rayforge.train.trainer import train
+
+        summary = train(cfg, out_dir)
     click.echo(f"trained {summary['steps']} steps: test_accuracy={summary['test_accuracy']:.4f} "
                f"wall={summary['train_wall_s']:.1f}s ({summary['seconds_per_step'] * 1e3:.2f} ms/step) -> {out_dir}")
 

@@ -8,8 +8,8 @@
 2. A cluster started with `ray.cluster_utils.Cluster` (nodes of their own, as `ray start` makes them, stopped by
    handle when done): a head that declares no CPU and no GPU (as `cluster.yaml`'s head: it runs drivers only) and
    WORKERS nodes that declare one CPU and one logical GPU each. Without CUDA those GPUs compute on CPU.
-3. `ray job submit --working-dir . -- python jobs/run.py CONFIG --out runs/cluster ...` against it, with the job's
-   RAYFORGE_DATA and RAYFORGE_SUBMIT_DIR (the relative --out resolves there) passed in its runtime_env.
+3. `ray job submit --working-dir . -- python jobs/run.py CONFIG --out WORK/cluster ...` against it, with the job's
+   RAYFORGE_DATA passed in its runtime_env (only the job's driver reads the data).
 4. Checks: every placement entry (training, forging, shadows, original scoring, rebuild) is on a worker node with a
    GPU, none on the head; the forge and rebuild stages used at least two worker nodes; and every output file of
    the cluster run equals the local run's byte for byte, except the files that record time or placement.
@@ -154,12 +154,11 @@ def main() -> int:
         head = cluster.head_node.node_id
         workers = {n.node_id for n in cluster.worker_nodes}
         wait_for_dashboard(dashboard)
-        runtime_env = {"env_vars": {"RAYFORGE_DATA": os.environ.get("RAYFORGE_DATA", ""), "WANDB_MODE": "disabled",
-                                    "RAYFORGE_SUBMIT_DIR": str(work)},
+        runtime_env = {"env_vars": {"RAYFORGE_DATA": os.environ.get("RAYFORGE_DATA", ""), "WANDB_MODE": "disabled"},
                        "excludes": [".git", ".venv", "runs", "wandb"]}
         job_s = run(["ray", "job", "submit", "--address", dashboard, "--working-dir", str(ROOT),
                      "--runtime-env-json", json.dumps(runtime_env), "--",
-                     "python", "jobs/run.py", args.config, "--out", "cluster", *sets], env, work / "job.log")
+                     "python", "jobs/run.py", args.config, "--out", str(work / "cluster"), *sets], env, work / "job.log")
         print(f"cluster job ({args.workers} GPU worker nodes, head with 0 CPU/0 GPU): {job_s:.1f} s "
               f"-> {work / 'cluster'}")
     finally:

@@ -3,6 +3,7 @@ actors request, where workers compute, and run paths inside Ray jobs."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -144,3 +145,9 @@ def test_cli_refuses_a_relative_out_inside_a_ray_job(tmp_path, make_config):
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "relative path inside a Ray job" in out.stderr
     assert not (tmp_path / "runs").exists()
+    # An absolute one is fine, and the job's driver does not train: a Ray task does.
+    out = subprocess.run([sys.executable, "-m", "rayforge.cli", "train", str(path), "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert [p["units"] for p in summary["placement"]] == [1]

@@ -73,6 +73,7 @@ class ForgeSchedule:
             by_segment[self._segment_start(u[0])].append(u)
         self.segments = [_Segment(a, b, by_segment[a]) for a, b in zip(self.bounds, self.bounds[1:])
                          if by_segment[a]]
+        self.by_start = {seg.start: seg for seg in self.segments}
         self.requeued: collections.deque[Unit] = collections.deque()
         self.first = 0  # segments before this one have handed out all their units
 
@@ -80,8 +81,7 @@ class ForgeSchedule:
         return self.bounds[bisect.bisect_right(self.bounds, step) - 1]
 
     def _segment(self, step: int) -> _Segment:
-        start = self._segment_start(step)
-        return next(s for s in self.segments if s.start == start)
+        return self.by_start[self._segment_start(step)]
 
     def _state(self, seg: _Segment, step: int):
         """The object ref of the state at `step` in `seg`: a checkpoint is read (driver) and put on first need."""
