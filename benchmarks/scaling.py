@@ -54,6 +54,7 @@ def measure(base: Path, work: Path, actors: int, cfg) -> dict:
     return {"actors": actors, "phase1_s": phase1, "phase2_s": phase2, "load_before": before, "load_after": load(),
             "phase1_units": forged["units"], "phase2_units": sum(p["units"] for p in rebuilt["placement"]),
             "phase1_in_flight": forged["units_in_flight"], "phase2_in_flight": rebuilt["units_in_flight"],
+            "phase1_startup_s": forged["actor_startup_s"], "phase2_startup_s": rebuilt["actor_startup_s"],
             "phase1_units_per_actor": [p["units"] for p in forged["placement"]],
             "phase2_units_per_actor": [p["units"] for p in rebuilt["placement"]],
             "forged": (forge_dir(run_dir, forged["strategy"]) / "forged.parquet").read_bytes(),
@@ -84,9 +85,11 @@ def main() -> None:
                 row = measure(base, work, actors, cfg)
                 rows.append(row)
                 print(f"repeat {repeat} actors {actors}: phase 1 {row['phase1_s']:.1f} s "
-                      f"({row['phase1_units']} units, per actor {row['phase1_units_per_actor']}, in flight "
+                      f"(first actor up after {row['phase1_startup_s']:.1f} s; "
+                      f"{row['phase1_units']} units, per actor {row['phase1_units_per_actor']}, in flight "
                       f"{row['phase1_in_flight']['mean']:.2f}/{row['phase1_in_flight']['limit']}), phase 2 "
-                      f"{row['phase2_s']:.1f} s ({row['phase2_units']} units, per actor "
+                      f"{row['phase2_s']:.1f} s (first actor up after {row['phase2_startup_s']:.1f} s; "
+                      f"{row['phase2_units']} units, per actor "
                       f"{row['phase2_units_per_actor']}, in flight {row['phase2_in_flight']['mean']:.2f}/"
                       f"{row['phase2_in_flight']['limit']}); {row['load_before']} -> {row['load_after']}")
     assert len({r["forged"] for r in rows}) == 1 and len({r["distances"] for r in rows}) == 1, "bytes differ"

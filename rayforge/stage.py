@@ -67,6 +67,7 @@ class StageResult:
     ran: int  # counted units run in this call
     placement: list[dict] = field(default_factory=list)  # per actor: node, gpus, units
     units_in_flight: dict = field(default_factory=dict)  # limit per actor, and the time-averaged number
+    startup_s: float | None = None  # from the stage's start until its first actor was up (Ray start-up, imports)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class _Stage:
         self.done = self.submitted = self.replacements = 0
         self.start = self.last_event = self.last_grow = time.perf_counter()
         self.busy = self.up = 0.0  # time integrals: units in flight on live actors, live actors
+        self.first_up: float | None = None
         for _ in range(pool_size(actors, self.options, limit)):
             self._add_actor()
 
@@ -110,6 +112,7 @@ class _Stage:
     def _on_probe(self, slot: _Slot) -> None:
         try:
             slot.where = self.ray.get(slot.probe)
+            self.first_up = self.first_up or time.perf_counter() - self.start
         except self.ray.exceptions.RayActorError as exc:
             self._lost(slot, exc)
         slot.probe = None
@@ -214,7 +217,8 @@ class _Stage:
             for slot in self.slots:
                 self.ray.kill(slot.actor)
         return StageResult(self.done, [{**s.where, "units": s.units} for s in self.slots if s.where],
-                           {"limit": self.per_actor, "mean": self.busy / self.up if self.up else 0.0})
+                           {"limit": self.per_actor, "mean": self.busy / self.up if self.up else 0.0},
+                           self.first_up)
 
 
 def run_units(units, worker_cls: type, worker_args: tuple, ray_cfg: RayConfig, actors: int | str,

@@ -61,12 +61,20 @@ def test_forge_on_logical_gpus_is_byte_identical_and_placed(ray_gpus, trained_ru
     forge_in_process(tmp_path / "cpu", kappa=2, mu=3, lam=2, parts_per_unit=1)  # parts alone: their own rounding
     assert (forge_dir(tmp_path / "gpu", "paper") / "forged.parquet").read_bytes() == \
         (forge_dir(tmp_path / "cpu", "paper") / "forged.parquet").read_bytes()
-    placement = summary["placement"]
-    assert len(placement) == 2  # auto: one actor per GPU
-    assert sorted(g for p in placement for g in p["gpus"]) == ["0", "1"]
+    placement = summary["placement"]  # the actors that came up (a slow starter may find the work done)
+    assert 1 <= len(placement) <= 2 and all(len(p["gpus"]) == 1 for p in placement)
+    assert len({g for p in placement for g in p["gpus"]}) == len(placement)  # one logical GPU each
     assert sum(p["units"] for p in placement) == summary["units"] == 24  # 12 one-step windows x 2 parts
     assert 0 < summary["units_in_flight"]["mean"] <= summary["units_in_flight"]["limit"] == 2
     assert json.loads((forge_dir(tmp_path / "gpu", "paper") / "summary.json").read_text())["placement"] == placement
+
+
+def test_auto_pool_is_one_actor_per_gpu(ray_gpus):
+    from rayforge.ray_utils import pool_size
+
+    assert pool_size("auto", {"num_cpus": 1, "num_gpus": 1}, 10) == 2
+    assert pool_size("auto", {"num_cpus": 1, "num_gpus": 0.5}, 10) == 4
+    assert pool_size("auto", {"num_cpus": 1, "num_gpus": 1}, 1) == 1
 
 
 def test_workers_compute_with_the_logs_thread_count(ray_gpus, tmp_path, make_config):

@@ -154,7 +154,8 @@ def run_rebuild(run_dir: str | Path, params: RebuildParams, actors: int | str, r
         summary = {"groups": len(table), "d_theta_median": float(np.median(d)),
                    "d_theta_p90": float(np.quantile(d, 0.9)),
                    "log10_d_theta_median": float(np.log10(np.median(d))) if np.median(d) > 0 else None,
-                   "placement": result.placement, "units_in_flight": result.units_in_flight}
+                   "placement": result.placement, "units_in_flight": result.units_in_flight,
+                   "actor_startup_s": result.startup_s}
         logger.d_theta(table.to_pylist())
         logger.summary(summary)
     atomic_write_json(out / "summary.json", summary)
