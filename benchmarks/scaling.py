@@ -55,6 +55,7 @@ def measure(base: Path, work: Path, actors: int, cfg) -> dict:
             "phase1_units": forged["units"], "phase2_units": sum(p["units"] for p in rebuilt["placement"]),
             "phase1_in_flight": forged["units_in_flight"], "phase2_in_flight": rebuilt["units_in_flight"],
             "phase1_startup_s": forged["actor_startup_s"], "phase2_startup_s": rebuilt["actor_startup_s"],
+            "phase1_driver_s": forged["driver_busy_s"], "phase2_driver_s": rebuilt["driver_busy_s"],
             "phase1_units_per_actor": [p["units"] for p in forged["placement"]],
             "phase2_units_per_actor": [p["units"] for p in rebuilt["placement"]],
             "forged": (forge_dir(run_dir, forged["strategy"]) / "forged.parquet").read_bytes(),
@@ -85,10 +86,11 @@ def main() -> None:
                 row = measure(base, work, actors, cfg)
                 rows.append(row)
                 print(f"repeat {repeat} actors {actors}: phase 1 {row['phase1_s']:.1f} s "
-                      f"(first actor up after {row['phase1_startup_s']:.1f} s; "
+                      f"(first actor up after {row['phase1_startup_s']:.1f} s, driver busy {row['phase1_driver_s']:.1f} s; "
                       f"{row['phase1_units']} units, per actor {row['phase1_units_per_actor']}, in flight "
                       f"{row['phase1_in_flight']['mean']:.2f}/{row['phase1_in_flight']['limit']}), phase 2 "
-                      f"{row['phase2_s']:.1f} s (first actor up after {row['phase2_startup_s']:.1f} s; "
+                      f"{row['phase2_s']:.1f} s (first actor up after {row['phase2_startup_s']:.1f} s, driver busy "
+                      f"{row['phase2_driver_s']:.1f} s; "
                       f"{row['phase2_units']} units, per actor "
                       f"{row['phase2_units_per_actor']}, in flight {row['phase2_in_flight']['mean']:.2f}/"
                       f"{row['phase2_in_flight']['limit']}); {row['load_before']} -> {row['load_after']}")

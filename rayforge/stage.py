@@ -68,6 +68,7 @@ class StageResult:
     placement: list[dict] = field(default_factory=list)  # per actor: node, gpus, units
     units_in_flight: dict = field(default_factory=dict)  # limit per actor, and the time-averaged number
     startup_s: float | None = None  # from the stage's start until its first actor was up (Ray start-up, imports)
+    driver_s: float = 0.0  # time the driver spent handing out and saving units (not waiting for them)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class _Stage:
         self.start = self.last_event = self.last_grow = time.perf_counter()
         self.busy = self.up = 0.0  # time integrals: units in flight on live actors, live actors
         self.first_up: float | None = None
+        self.driver_s = 0.0
         for _ in range(pool_size(actors, self.options, limit)):
             self._add_actor()
 
@@ -203,6 +205,7 @@ class _Stage:
                 if not waiting:
                     raise RuntimeError(f"{self.desc}: units left but none can be handed out")
                 timeout = max(0.1, GROW_EVERY_S - (time.perf_counter() - self.last_grow)) if self.auto else None
+                self.driver_s += time.perf_counter() - self.last_event
                 ready, _ = self.ray.wait(waiting, num_returns=1, timeout=timeout)
                 self._account()
                 if self.auto and time.perf_counter() - self.last_grow >= GROW_EVERY_S:
@@ -218,7 +221,7 @@ class _Stage:
                 self.ray.kill(slot.actor)
         return StageResult(self.done, [{**s.where, "units": s.units} for s in self.slots if s.where],
                            {"limit": self.per_actor, "mean": self.busy / self.up if self.up else 0.0},
-                           self.first_up)
+                           self.first_up, self.driver_s)
 
 
 def run_units(units, worker_cls: type, worker_args: tuple, ray_cfg: RayConfig, actors: int | str,

@@ -218,7 +218,7 @@ def run_forge(run_dir: str | Path, params: ForgeParams, actors: int | str, ray_c
         wall = elapsed_before + time.perf_counter() - start_time
         summary = _finish(out, run, params, units, wall, record,
                           {"placement": stage.placement, "units_in_flight": stage.units_in_flight,
-                           "actor_startup_s": stage.startup_s})
+                           "actor_startup_s": stage.startup_s, "driver_busy_s": stage.driver_s})
         logger.summary(summary)
     atomic_write_json(out / "summary.json", summary)
     return summary

@@ -155,7 +155,7 @@ def run_rebuild(run_dir: str | Path, params: RebuildParams, actors: int | str, r
                    "d_theta_p90": float(np.quantile(d, 0.9)),
                    "log10_d_theta_median": float(np.log10(np.median(d))) if np.median(d) > 0 else None,
                    "placement": result.placement, "units_in_flight": result.units_in_flight,
-                   "actor_startup_s": result.startup_s}
+                   "actor_startup_s": result.startup_s, "driver_busy_s": result.driver_s}
         logger.d_theta(table.to_pylist())
         logger.summary(summary)
     atomic_write_json(out / "summary.json", summary)
