@@ -1,8 +1,12 @@
-"""The command line: thin wrappers over the library; every user error is one line and a non-zero exit."""
+"""The command line: thin wrappers over the library.
+
+Every error a user can cause is one line on stderr and a non-zero exit, from every command: a RayforgeError (its
+exit code), a usage error such as a numeric option out of range (2), Ctrl-C (130, as shells report SIGINT).
+"""
 
 from __future__ import annotations
 
-import functools
+import math
 import sys
 import time
 
@@ -10,21 +14,30 @@ import click
 
 from rayforge.errors import RayforgeError
 
+INTERRUPTED = 130  # 128 + SIGINT
 
-def user_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+
+class RayforgeGroup(click.Group):
+    """Runs the subcommand and turns what the user caused into one line on stderr, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
         try:
-            return fn(*args, **kwargs)
+            return super().invoke(ctx)
         except RayforgeError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(str(exc), exc.exit_code)
+        except click.UsageError as exc:  # also parameter errors: the subcommand's options are parsed in here
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            _fail(f"{exc.format_message()}{hint}", exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", INTERRUPTED)
 
-    return wrapper
 
+def _fail(message: str, code: int):
+    from rayforge.progress import close_bars
 
-set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                          help="Override a config value, e.g. --set train.epochs=2 (repeatable).")
+    close_bars()
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
 
 
 def _run_path(ctx, param, value):
@@ -34,11 +47,7 @@ def _run_path(ctx, param, value):
         return None
     from rayforge.ray_utils import resolve_run_path
 
-    try:
-        return str(resolve_run_path(value))
-    except RayforgeError as exc:  # one line, as from any command
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+    return str(resolve_run_path(value))
 
 
 run_dir_arg = click.argument("run_dir", type=click.Path(file_okay=False), callback=_run_path)
@@ -46,7 +55,67 @@ out_option = click.option("--out", "out_dir", required=True, type=click.Path(fil
                           help="Run directory to create.")
 
 
-@click.group()
+# ---------------------------------------------------------------------------------------------- option types
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses nan and inf (which pass every range comparison or bound nothing)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
+class ActorCount(click.ParamType):
+    """A positive number of actors, or 'auto' (passed on as ray.actors, so the config decides whether it may)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip()
+        if text == "auto":
+            return text
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        self.fail(f"{value!r} is not a positive integer or 'auto'", param, ctx)
+
+
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+TOLERANCE = FiniteFloat(min=0.0)
+
+
+def set_option(fn):
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help="Override a config value, e.g. --set train.epochs=2 (repeatable).")(fn)
+
+
+def actors_option(fn):
+    return click.option("--actors", type=ActorCount(), default=None,
+                        help="Actors, a positive integer (default: the config's ray.actors).")(fn)
+
+
+def run_config(run_dir, overrides, settable: tuple[str, ...], actors=None):
+    """RUN's config (RUN/config.yaml) with the --set overrides a stage command honours (keys starting with one of
+    `settable`) and --actors; any other key is refused: the log fixes it, or the stage reads it from the run."""
+    from rayforge.config import config_from_dict, parse_overrides
+    from rayforge.train.run import TrainingRun
+
+    for key, _ in parse_overrides(overrides):
+        if not key.startswith(settable):
+            raise RayforgeError(f"--set {key}: this command can set only {', '.join(s + '*' for s in settable)}; "
+                                f"the rest is fixed by the run ({run_dir}/config.yaml)")
+    extra = [] if actors is None else [f"ray.actors={actors}"]
+    return config_from_dict(TrainingRun.open(run_dir).cfg.to_dict(), [*overrides, *extra])
+
+
+STAGE_KEYS = ("forge.", "ray.", "wandb.")
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+@click.group(cls=RayforgeGroup)
 @click.version_option(package_name="rayforge")
 def main():
     """rayforge: Proofs of Repudiation forged from SGD training logs."""
@@ -66,31 +135,20 @@ def models():
 @click.argument("config", type=click.Path(dir_okay=False))
 @out_option
 @set_option
-@user_errors
 def train_cmd(config, out_dir, overrides):
-    """Train per CONFIG and write the training log to --out (inside a Ray job: in a Ray task, see below)."""
-    from rayforge.config import load_config
-    from rayforge.ray_utils import in_ray_job
+    """Train per CONFIG and write the training log to --out."""
+    import rayforge as rf
 
-    cfg = load_config(config, overrides)
-    if in_ray_job():  # the job's driver sits on the head node: train in a task placed where the config says
-        from rayforge.pipeline import train_stage
-
-        summary = train_stage(cfg, out_dir)
-    else:
-        from rayforge.train.trainer import train
-
-        summary = train(cfg, out_dir)
+    summary = rf.train(config, out_dir, overrides)
     click.echo(f"trained {summary['steps']} steps: test_accuracy={summary['test_accuracy']:.4f} "
                f"wall={summary['train_wall_s']:.1f}s ({summary['seconds_per_step'] * 1e3:.2f} ms/step) -> {out_dir}")
 
 
 @main.command()
 @run_dir_arg
-@click.option("--from", "start", type=int, required=True, help="Checkpoint step to start from.")
-@click.option("--to", "stop", type=int, required=True, help="Checkpoint step to reproduce.")
-@click.option("--threads", type=int, default=None, help="torch threads (default: the run's).")
-@user_errors
+@click.option("--from", "start", type=NON_NEGATIVE, required=True, help="Checkpoint step to start from.")
+@click.option("--to", "stop", type=NON_NEGATIVE, required=True, help="Checkpoint step to reproduce.")
+@click.option("--threads", type=POSITIVE, default=None, help="torch threads (default: the run's).")
 def replay(run_dir, start, stop, threads):
     """Replay the log from checkpoint --from to --to; exit 0 only on an exact match."""
     from rayforge.train.replay import replay as do_replay
@@ -104,24 +162,21 @@ def replay(run_dir, start, stop, threads):
 @main.command()
 @run_dir_arg
 @click.option("--strategy", default=None, help="Forging strategy (default: the config's, 'paper').")
-@click.option("--kappa", type=int, default=None, help="Number of parts κ per step (default: the config's).")
-@click.option("--mu", type=int, default=None, help="Candidate minibatches μ per (step, part).")
-@click.option("--lam", type=int, default=None, help="Group size λ (points sharing one PoR).")
-@click.option("--dsub", "dsub_size", type=int, default=None, help="|D_sub| (default: all of D \\ D_k).")
-@click.option("--points", type=int, default=None,
+@click.option("--kappa", type=POSITIVE, default=None, help="Number of parts κ per step (default: the config's).")
+@click.option("--mu", type=POSITIVE, default=None, help="Candidate minibatches μ per (step, part).")
+@click.option("--lam", type=POSITIVE, default=None, help="Group size λ (points sharing one PoR).")
+@click.option("--dsub", "dsub_size", type=POSITIVE, default=None, help="|D_sub| (default: all of D \\ D_k).")
+@click.option("--points", type=POSITIVE, default=None,
               help="Sampling approximation: forge only what N sampled points' groups need (default: all).")
-@click.option("--actors", type=int, default=None, help="Forging actors (default: the config's ray.actors).")
-@user_errors
-def forge(run_dir, strategy, kappa, mu, lam, dsub_size, points, actors):
+@actors_option
+@set_option
+def forge(run_dir, strategy, kappa, mu, lam, dsub_size, points, actors, overrides):
     """Phase 1: forge a minibatch for every (step, part) of RUN's log, on Ray; resumes where it stopped."""
-    from rayforge.forge.driver import run_forge
-    from rayforge.forge.engine import ForgeParams
-    from rayforge.train.run import TrainingRun
+    import rayforge as rf
 
-    cfg = TrainingRun.open(run_dir).cfg
-    params = ForgeParams.from_config(cfg, strategy=strategy, kappa=kappa, mu=mu, lam=lam, dsub_size=dsub_size,
-                                     points=points)
-    summary = run_forge(run_dir, params, actors or cfg.ray.actors, cfg.ray, cfg.wandb)
+    cfg = run_config(run_dir, overrides, STAGE_KEYS, actors)
+    summary = rf.forge(run_dir, strategy=strategy, kappa=kappa, mu=mu, lam=lam, dsub_size=dsub_size, points=points,
+                       config=cfg)
     click.echo(f"forged {summary['rows']} (step, part) batches in {summary['forge_wall_s']:.1f}s: "
                f"{summary['grad_evals_per_step']:.0f} gradient evaluations/step, "
                f"{summary['candidates_per_s']:.0f} candidates/s, grad_error/grad_norm median "
@@ -131,20 +186,19 @@ def forge(run_dir, strategy, kappa, mu, lam, dsub_size, points, actors):
 @main.command()
 @run_dir_arg
 @click.option("--strategy", default=None, help="Phase-1 output to rebuild from (default: the config's).")
-@click.option("--actors", type=int, default=None, help="Rebuild actors (default: the config's ray.actors).")
+@actors_option
 @click.option("--method", type=click.Choice(["sequential", "batched"]), default="sequential",
               help="One model at a time (bit-exact with verify), or several stacked with torch.func.")
-@click.option("--groups-per-unit", type=int, default=4, help="Groups per unit of work.")
-@click.option("--save-models", type=int, default=0, help="Keep the forged models of the first K groups.")
-@user_errors
-def rebuild(run_dir, strategy, actors, method, groups_per_unit, save_models):
+@click.option("--groups-per-unit", type=POSITIVE, default=4, help="Groups per unit of work.")
+@click.option("--save-models", type=NON_NEGATIVE, default=0, help="Keep the forged models of the first K groups.")
+@set_option
+def rebuild(run_dir, strategy, actors, method, groups_per_unit, save_models, overrides):
     """Phase 2: rebuild the forged model of every group and write its distance to the original."""
-    from rayforge.rebuild.driver import RebuildParams, run_rebuild
-    from rayforge.train.run import TrainingRun
+    import rayforge as rf
 
-    cfg = TrainingRun.open(run_dir).cfg
-    params = RebuildParams(strategy or cfg.forge.strategy, method, groups_per_unit)
-    s = run_rebuild(run_dir, params, actors or cfg.ray.actors, cfg.ray, cfg.wandb, save_models=save_models)
+    cfg = run_config(run_dir, overrides, ("forge.strategy", "ray.", "wandb."), actors)
+    s = rf.rebuild(run_dir, strategy=strategy, method=method, groups_per_unit=groups_per_unit,
+                   save_models=save_models, config=cfg)
     click.echo(f"rebuilt {s['groups']} forged models: d_theta median {s['d_theta_median']:.3g} "
                f"p90 {s['d_theta_p90']:.3g}")
 
@@ -152,18 +206,17 @@ def rebuild(run_dir, strategy, actors, method, groups_per_unit, save_models):
 @main.command()
 @run_dir_arg
 @click.option("--strategy", default=None, help="Phase-1 output to evaluate (default: the config's).")
-@click.option("--points", type=int, default=None,
+@click.option("--points", type=POSITIVE, default=None,
               help="Sampling approximation: forge (if not yet done) for N sampled points only.")
-@click.option("--actors", type=int, default=None, help="Actors (default: the config's ray.actors).")
-@click.option("--save-models", type=int, default=0, help="Keep the forged models of the first K groups.")
-@user_errors
-def attack(run_dir, strategy, points, actors, save_models):
+@actors_option
+@click.option("--save-models", type=NON_NEGATIVE, default=0, help="Keep the forged models of the first K groups.")
+@set_option
+def attack(run_dir, strategy, points, actors, save_models, overrides):
     """Shadows, the five MI attacks, and phase 2 with every forged model scored (phase 1 first if missing)."""
-    from rayforge.pipeline import attack_stage
-    from rayforge.train.run import TrainingRun
+    import rayforge as rf
 
-    cfg = TrainingRun.open(run_dir).cfg
-    s = attack_stage(run_dir, cfg, strategy or cfg.forge.strategy, points, actors or cfg.ray.actors, save_models)
+    cfg = run_config(run_dir, overrides, STAGE_KEYS, actors)
+    s = rf.attack(run_dir, strategy=strategy, points=points, save_models=save_models, config=cfg)
     click.echo(f"scored {s['evaluated_points']} points on {s['groups']} forged models with {', '.join(s['attacks'])}; "
                f"d_theta median {s['d_theta_median']:.3g}")
 
@@ -171,75 +224,89 @@ def attack(run_dir, strategy, points, actors, save_models):
 @main.command()
 @run_dir_arg
 @click.option("--strategy", default="paper", help="Strategy whose attack-stage output to report.")
-@user_errors
-def report(run_dir, strategy):
+@set_option
+def report(run_dir, strategy, overrides):
     """metrics.json, Tables I-IV (tables.md) and figures under RUN/report/."""
-    from rayforge.report.render import write_report
+    import rayforge as rf
 
-    metrics = write_report(run_dir, strategy)
+    cfg = run_config(run_dir, overrides, ("wandb.",))
+    metrics = rf.report(run_dir, strategy, config=cfg)
     summary = ", ".join(f"{a} c_diff={m['c_diff']:.2f}%" for a, m in metrics["attacks"].items())
     click.echo(f"report -> {run_dir}/report: {summary}; d_theta median {metrics['d_theta']['median']:.3g}")
 
 
 @main.command()
 @run_dir_arg
-@click.option("--point", type=int, required=True, help="Index of the challenged training point.")
+@click.option("--point", type=NON_NEGATIVE, required=True, help="Index of the challenged training point.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="PoR directory to create.")
 @click.option("--strategy", default=None, help="Phase-1 output to build from (default: the config's).")
 @click.option("--mode", type=click.Choice(["group", "minimal"]), default="group",
               help="group: the point's group's forged log (phase 1 output); minimal: swap out only this point.")
-@user_errors
 def por(run_dir, point, out_dir, strategy, mode):
     """Build the Proof of Repudiation of training point --point (forged log, checkpoints, por.json)."""
-    from rayforge.train.run import TrainingRun
+    import rayforge as rf
 
-    run = TrainingRun.open(run_dir)
-    if mode == "minimal":
-        from rayforge.por.minimal import export_minimal_por
-
-        manifest = export_minimal_por(run, point, out_dir)
-    else:
-        from rayforge.por import export_por
-
-        manifest = export_por(run, strategy or run.cfg.forge.strategy, point, out_dir)
+    manifest = rf.export_por(run_dir, point, out_dir, strategy=strategy, mode=mode)
     click.echo(f"PoR of point {point} -> {out_dir}: epsilon={manifest['epsilon']:.4g} "
                f"d_theta={manifest['d_theta']:.3g}")
 
 
 @main.command()
 @click.argument("por_dir", type=click.Path(file_okay=False))
-@click.option("--data-root", default=None, help="Where the dataset lies (else $RAYFORGE_DATA).")
+@click.option("--data-root", default=None,
+              help="Where the dataset lies, searched alone (default: $RAYFORGE_DATA, then the download cache).")
 @click.option("--model", "model_path", default=None, help="The deployed model (safetensors) to compare with.")
 @click.option("--steps", "selection", default="all", help="all | topq:Q | random:N segments to replay.")
-@click.option("--tol", type=float, default=None, help="Replay tolerance, l2 over parameters.")
-@click.option("--seed", type=int, default=None, help="Seed of random:N (printed when not given).")
+@click.option("--tol", type=TOLERANCE, default=None, help="Replay tolerance per segment, l2 over the parameters "
+                                                          "(default 1e-4).")
+@click.option("--tol-rel", type=TOLERANCE, default=None,
+              help="Also bound each segment's l2 deviation by this fraction of its update norm |θ_end − θ_start|.")
+@click.option("--seed", type=NON_NEGATIVE, default=None, help="Seed of random:N (printed when not given).")
+@click.option("--threads", type=POSITIVE, default=None,
+              help="torch threads for the replay (default: the PoR's, capped at the local cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@user_errors
-def verify(por_dir, data_root, model_path, selection, tol, seed, as_json):
-    """Verify a PoR as a hostile artifact: exit 0 valid, 1 invalid (reasons listed), 2 malformed."""
+@click.option("--trust-model-code", is_flag=True,
+              help="Allow a PoR whose model is module:callable: building it imports and runs that code.")
+def verify(por_dir, data_root, model_path, selection, tol, tol_rel, seed, threads, as_json, trust_model_code):
+    """Verify a PoR as a hostile artifact: exit 0 valid, 1 invalid (reasons listed), 2 malformed or unusable
+    input (checked before any replay)."""
     import json
 
-    from rayforge.por import DEFAULT_TOL, verify_por
+    import rayforge as rf
 
-    report = verify_por(por_dir, data_root=data_root, model_path=model_path, steps=selection,
-                        tol=DEFAULT_TOL if tol is None else tol, seed=seed)
-    if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
-    else:
-        for reason in report.reasons:
-            click.echo(f"invalid: {reason}")
-        worst = report.max_distance
-        click.echo(f"{'VALID' if report.valid else 'INVALID'}: {len(report.segments)} segment(s) replayed"
-                   + (f", worst l2 {worst:.3g}" if worst is not None else "")
-                   + (f", seed {report.seed}" if report.seed is not None else ""))
+    report = rf.verify_por(por_dir, data_root=data_root, model=model_path, steps=selection, tol=tol,
+                           tol_rel=tol_rel, seed=seed, threads=threads, trust_model_code=trust_model_code,
+                           warn=lambda message: click.echo(f"warning: {message}", err=True))
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else "\n".join(report.to_text()))
     sys.exit(0 if report.valid else 1)
+
+
+@main.command()
+@run_dir_arg
+@click.option("--strategy", default=None, help="Whose phase-1/2 and attack outputs to use (default: the config's).")
+@click.option("--pool", type=POSITIVE, default=None, help="Substitutes drawn per step (default 128).")
+@click.option("--neighbours", type=NON_NEGATIVE, default=None,
+              help="Nearest same-label points of each audited point added to the pool (default 3).")
+@click.option("--epochs", type=POSITIVE, default=None, help="Audit this many evenly spaced epochs (default: all).")
+@click.option("--points", type=POSITIVE, default=None, help="Sampling approximation: audit N sampled points only.")
+@actors_option
+@set_option
+def audit(run_dir, strategy, pool, neighbours, epochs, points, actors, overrides):
+    """Which training points a PoR can repudiate: RUN/audit/points.parquet, summary.json and a figure."""
+    import rayforge as rf
+
+    cfg = run_config(run_dir, overrides, STAGE_KEYS, actors)
+    s = rf.audit(run_dir, strategy=strategy, pool=pool, neighbours=neighbours, epochs=epochs, points=points,
+                 config=cfg)
+    worst = ", ".join(f"#{p['point']} ({p['score']:.2f})" for p in s["least_repudiable"][:5])
+    click.echo(f"audit: {s['repudiable']} of {s['points']} points repudiable ({s['share_repudiable']:.1%}); "
+               f"least repudiable: {worst} -> {run_dir}/audit")
 
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @out_option
 @set_option
-@user_errors
 def run(config, out_dir, overrides):
     """The main job on Ray: every pipeline stage for CONFIG, into --out."""
     from rayforge.config import load_config

@@ -14,3 +14,10 @@ class MalformedArtifact(RayforgeError):
     """A log, PoR or dataset file that is missing, truncated, or of the wrong schema or shape."""
 
     exit_code = 2
+
+
+class UnusableInput(RayforgeError):
+    """An input a verification cannot use: a missing dataset, an unreadable --model or --data-root, a bad option.
+    Exit 2 like a malformed artifact, never 1: for `rayforge verify` exit 1 means the proof was refuted."""
+
+    exit_code = 2

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -55,6 +56,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    """Atomic `.npy` write, never pickled (object arrays are refused)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: given a path, np.save would append ".npy" to the temp name
+            np.save(f, array, allow_pickle=False)
+
+    atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------------------------- Parquet

@@ -15,3 +15,10 @@ def progress_bar(iterable=None, *, desc: str, total: int | None = None, unit: st
 
         return ray_tqdm(iterable, desc=desc, total=total)
     return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True)
+
+
+def close_bars() -> None:
+    """Close every bar still open (an error or Ctrl-C can leave one): it is drawn one last time now, before the
+    error line, instead of at interpreter exit, after it."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -46,3 +46,46 @@ def forge_in_process(run_dir, kappa=2, mu=3, lam=2, strategy="paper", points=Non
     table = pa.concat_tables(tables).sort_by([("step", "ascending"), ("part", "ascending")]).combine_chunks()
     write_parquet(out / "forged.parquet", table)
     return params
+
+
+def write_image_folder(root, train, test, names=None):
+    """An image folder from uint8 arrays: train/test = (images (N, H, W) or (N, H, W, 3), labels (N,)); class
+    folders are the label numbers, file names `names[i]` (default: the zero-padded index). Returns root."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    for split, (images, labels) in (("train", train), ("test", test)):
+        for i, (image, label) in enumerate(zip(images, labels)):
+            name = names[i] if (names is not None and split == "train") else f"{i:05d}"
+            path = root / split / str(int(label)) / f"{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.asarray(image, np.uint8)).save(path)
+    return root
+
+
+def folder_order(root, split="train"):
+    """The file of every point of an image folder's split, in the dataset's (torchvision ImageFolder) order."""
+    from pathlib import Path
+
+    from rayforge.data.imagefolder import class_files, class_names
+
+    split_dir = Path(root) / split
+    return [f for c in class_names(split_dir) for f in class_files(split_dir / c)]
+
+
+def rebuild_in_process(run_dir, strategy="paper"):
+    """Phase 2 with the plain functions (no Ray), written where `rayforge rebuild` writes distances.parquet."""
+    from rayforge.io import write_parquet
+    from rayforge.rebuild.driver import rebuild_dir
+    from rayforge.rebuild.engine import RebuildContext, distances_table, rebuild_group
+    from rayforge.train.run import TrainingRun
+
+    ctx = RebuildContext(TrainingRun.open(run_dir), strategy, threads=1)
+    out = rebuild_dir(run_dir, strategy)
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(out / "distances.parquet", distances_table([rebuild_group(ctx, int(g)).row
+                                                              for g in ctx.logs.groups]))
+    return out

@@ -31,7 +31,12 @@ def test_rayforge_run_end_to_end_on_local_ray(ray_local, tmp_path, make_config):
     assert replay(run, 0, run.checkpoints[1]).exact
     assert (tmp_path / "run" / "forge" / "paper" / "forged.parquet").is_file()
     metrics = json.loads((tmp_path / "run" / "report" / "metrics.json").read_text())
-    assert set(metrics["attacks"]) == {"lira", "enhanced", "xent", "mentr", "mida"}  # mida: trained with flips
+    assert set(metrics["attacks"]) == {"lira", "enhanced", "enhanced_ref", "xent", "mentr", "mida"}  # flips: mida
+    control = json.loads((tmp_path / "run" / "attack" / "control.json").read_text())
+    assert set(control["attacks"]) == set(metrics["attacks"])
+    for name, c in control["attacks"].items():
+        assert c["target_auc"] == metrics["attacks"][name]["auc"]
+        assert c["auc"] is None or 0 <= c["auc"] <= 1
     for m in metrics["attacks"].values():
         assert {"auc", "tpr_at_0.1_fpr", "c_diff", "c_common", "c_validation", "s_median"} <= set(m)
         assert all(0 <= m[k] <= 100 for k in ("c_diff", "c_common", "c_validation"))

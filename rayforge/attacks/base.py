@@ -2,7 +2,10 @@
 
 An attack is fitted once (`prepare`) from the population and shadow models only, then scores any model under test
 (the original or a forged one) with everything it learned frozen: a PoR is judged by whether the *same* attack
-changes its mind between two models, so nothing may be refitted per model.
+changes its mind between two models, so nothing may be refitted per model. (EnhancedMIA's Attack P is the one
+attack whose decision rule reads the model under test beyond the queried point -- its threshold is a quantile of
+that model's losses on fixed population data, as ML Privacy Meter computes it for whatever model it audits -- but it
+learns nothing from shadows or from any model's members, so it too holds no state that scoring could change.)
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from rayforge.data import Dataset, ImageArrays, arrays_sha256
+from rayforge.attacks.views import MIRROR, PLAIN, ModelViews, Query, Views, data_logits
+from rayforge.data import ImageArrays, arrays_sha256
 from rayforge.errors import RayforgeError
 from rayforge.train.batches import TensorData
 
@@ -24,7 +28,6 @@ if TYPE_CHECKING:  # shadows.py imports this module
     from rayforge.attacks.shadows import ShadowSet
 
 NUM_CLASSES = 10
-LOGIT_BATCH = 1024  # inference batch: bounds memory, no effect on results (eval mode, no batch statistics)
 
 
 @dataclass(eq=False)
@@ -33,7 +36,9 @@ class Population:
 
     `images` are the raw uint8 pixels (hashable, cheap to ship); `data` holds them normalised on `device`.
     `flip` says whether the target and shadows train with random horizontal flips: attacks that query
-    augmentations (LiRA, EnhancedMIA) then also query the mirrored image.
+    augmentations (LiRA, EnhancedMIA-R, MIDA) then also query the mirrored image.
+    `aux` are further non-members that have no id: never evaluated, never a shadow's training data -- the
+    population data of EnhancedMIA's Attack P (ML Privacy Meter's term), read only through `Views.aux_logits`.
     """
 
     images: ImageArrays
@@ -42,24 +47,22 @@ class Population:
     flip: bool = False
     num_classes: int = NUM_CLASSES
     device: str = "cpu"
+    aux: ImageArrays | None = None
     data: TensorData = field(init=False, repr=False)
+    aux_data: TensorData | None = field(init=False, repr=False)
+    fill: torch.Tensor = field(init=False, repr=False)  # a black pixel, normalised: what shifted views fill in
 
     def __post_init__(self) -> None:
         self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
         if len(self.images) == 0:
             raise RayforgeError("attack population is empty")
-        if self.images.labels.min() < 0 or self.images.labels.max() >= self.num_classes:
-            raise RayforgeError(f"population labels must lie in 0..{self.num_classes - 1}")
+        for arrays in (self.images, self.aux):
+            if arrays is not None and len(arrays) and (arrays.labels.min() < 0
+                                                       or arrays.labels.max() >= self.num_classes):
+                raise RayforgeError(f"population labels must lie in 0..{self.num_classes - 1}")
         self.data = TensorData(self.images, self.mean, self.std, self.device)
-
-    @classmethod
-    def from_dataset(cls, ds: Dataset, flip: bool, include_test: bool = False, **kw) -> "Population":
-        """The run's training points (ids 0..n-1), followed by its test points when `include_test`."""
-        arrays = ds.train
-        if include_test:
-            arrays = ImageArrays(np.concatenate([ds.train.images, ds.test.images]),
-                                 np.concatenate([ds.train.labels, ds.test.labels]))
-        return cls(arrays, ds.mean, ds.std, flip, **kw)
+        self.aux_data = None if self.aux is None else TensorData(self.aux, self.mean, self.std, self.device)
+        self.fill = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], device=self.device)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -76,6 +79,11 @@ class Population:
     def in_shape(self) -> tuple[int, int, int]:
         return tuple(int(d) for d in self.images.images.shape[1:])  # type: ignore[return-value]
 
+    def require_aux(self) -> TensorData:
+        if self.aux_data is None or len(self.aux_data) == 0:
+            raise RayforgeError("this attack needs population data (Population.aux): non-members outside D and V")
+        return self.aux_data
+
     def check_points(self, points: np.ndarray) -> np.ndarray:
         points = np.asarray(points)
         if points.ndim != 1 or not np.issubdtype(points.dtype, np.integer):
@@ -87,44 +95,23 @@ class Population:
         return np.ascontiguousarray(points, dtype=np.int64)
 
     def fingerprint(self) -> str:
-        """Identifies the population's content and preprocessing (recorded with saved shadows)."""
+        """Identifies the points with ids and their preprocessing (recorded with saved shadows, which train on
+        them); the auxiliary points are not part of it (no shadow sees them)."""
         h = hashlib.sha256(arrays_sha256(self.images).encode())
         h.update(repr((self.mean, self.std, bool(self.flip), self.num_classes)).encode())
         return h.hexdigest()
 
 
-@torch.no_grad()
-def model_logits(model: nn.Module, pop: Population, points: np.ndarray | None = None, flip: bool = False,
-                 batch_size: int = LOGIT_BATCH) -> np.ndarray:
-    """float32 (P, C) logits of `model` in eval mode on the points (all by default), mirrored when `flip`.
-
-    The model's train/eval mode is restored afterwards: callers may pass a model mid-training.
-    """
+def model_logits(model: nn.Module, pop: Population, points: np.ndarray | None = None,
+                 query: Query = PLAIN) -> np.ndarray:
+    """float32 (P, C) logits of `model` in eval mode on the points (all by default) seen through `query`."""
     points = pop.ids if points is None else pop.check_points(points)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for start in range(0, len(points), batch_size):
-            idx = points[start:start + batch_size]
-            x, _ = pop.data.batch(idx, np.full(len(idx), flip) if flip else None)
-            out.append(model(x.to(device)).float().cpu())
-    finally:
-        model.train(was_training)
-    if not out:
-        return np.zeros((0, pop.num_classes), dtype=np.float32)
-    return torch.cat(out).numpy()
+    return data_logits(model, pop.data, points, query, pop.fill, pop.num_classes)
 
 
-def query_flips(pop: Population) -> tuple[bool, ...]:
-    """The queries of augmentation-aware attacks: the image, plus its mirror when training used flips."""
-    return (False, True) if pop.flip else (False,)
-
-
-def query_logits(model: nn.Module, pop: Population, points: np.ndarray, flips: Sequence[bool]) -> np.ndarray:
-    """(P, Q, C) logits, one query per entry of `flips`."""
-    return np.stack([model_logits(model, pop, points, f) for f in flips], axis=1)
+def augmentation_queries(pop: Population) -> tuple[Query, ...]:
+    """The views of the augmentations training used: the image, plus its mirror when training used flips."""
+    return (PLAIN, MIRROR) if pop.flip else (PLAIN,)
 
 
 class Attack(ABC):
@@ -132,9 +119,12 @@ class Attack(ABC):
 
     `score` is continuous (higher = more likely member) so score differences s_A are meaningful; `predict` turns
     scores into member bits with thresholds fixed at `prepare` (possibly one per label, looked up via `points`).
+    An attack reads a model only through `Views` (its logits on the queried points under `queries`), so one model's
+    logits are computed once for all attacks, and a shadow can be scored from its cached logits.
     """
 
     name: str = "attack"
+    queries: tuple[Query, ...] = (PLAIN,)
 
     def __init__(self) -> None:
         self.pop: Population | None = None
@@ -144,12 +134,16 @@ class Attack(ABC):
         """Fit everything (thresholds, per-example statistics) from the shadows. Never sees a model under test."""
 
     @abstractmethod
-    def score(self, model: nn.Module, points: np.ndarray) -> np.ndarray:
-        """float64 (P,) membership scores of population points `points` under `model`; must not change state."""
+    def score_views(self, views: Views) -> np.ndarray:
+        """float64 (P,) membership scores of the points of `views`; must not change state."""
 
     @abstractmethod
     def predict(self, scores: np.ndarray, points: np.ndarray) -> np.ndarray:
         """bool (P,) member predictions for `scores` of `points`, with the thresholds fixed at prepare."""
+
+    def score(self, model: nn.Module, points: np.ndarray) -> np.ndarray:
+        """float64 (P,) membership scores of population points `points` under `model`."""
+        return self.score_views(ModelViews(model, self._require_prepared(), points))
 
     # ---- helpers shared by the attacks ------------------------------------------------------------------------
 
@@ -158,13 +152,21 @@ class Attack(ABC):
             raise RayforgeError(f"{self.name}: the shadows were trained on a different population")
         self.pop = pop
 
-    def _require_prepared(self, points: np.ndarray) -> np.ndarray:
+    def _require_prepared(self, points: np.ndarray | None = None) -> Population:
         if self.pop is None:
             raise RayforgeError(f"{self.name}: call prepare() before score()/predict()")
-        return self.pop.check_points(points)
+        if points is not None:
+            self.pop.check_points(points)
+        return self.pop
+
+    def _check_views(self, views: Views) -> Views:
+        pop = self._require_prepared()
+        if views.pop is not pop and views.pop.fingerprint() != pop.fingerprint():
+            raise RayforgeError(f"{self.name}: asked about a different population than it was prepared on")
+        return views
 
     def _check_scores(self, scores: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        points = self._require_prepared(points)
+        points = self._require_prepared().check_points(points)
         scores = np.asarray(scores, dtype=np.float64)
         if scores.shape != points.shape:
             raise RayforgeError(f"{self.name}: {scores.shape[0] if scores.ndim else 0} scores for {len(points)} points")
@@ -180,7 +182,7 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
 
 
 def build_attack(name: str, **kw) -> Attack:
-    """A fresh, unprepared attack by name (lira, enhanced, xent, mentr, mida) with its options."""
+    """A fresh, unprepared attack by name (see `ATTACKS`) with its options."""
     import rayforge.attacks  # noqa: F401  (importing the package registers every attack)
 
     cls = ATTACKS.get(name)

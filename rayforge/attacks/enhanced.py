@@ -1,58 +1,67 @@
-"""EnhancedMIA, attack R of Ye et al. 2022 (reference models, per-example thresholds, ml_privacy_meter's
-reference metric with the logit-rescale threshold function).
+"""EnhancedMIA as the paper ran it: attack P of Ye et al. 2022, ML Privacy Meter's population metric
+(privacytrustlab/ml_privacy_meter, tutorials/population_metric.ipynb: `PopulationMetric` with `threshold_func`).
 
-For every point, the reference models are the shadows where it is OUT. Their losses are mapped to the logit-scaled
-confidence logit(p_y) = log p_y - log(1 - p_y) (a monotone function of the loss that makes its distribution nearly
-Gaussian) and fitted with a Gaussian N(mu, sigma) (maximum likelihood, ddof=0, like scipy's norm.fit). The per-example
-threshold at false-positive rate alpha is that Gaussian's (1 - alpha) quantile: a point is a member when its
-rescaled value under the model lies above it. We expose the same test as a continuous score,
-    score = Phi((v - mu) / sigma)   (the Gaussian CDF of the model's value under the OUT fit, in [0, 1])
-so `predict` = score > 1 - alpha (alpha = 0.1 in the paper) is exactly the per-example quantile test.
-When training used flips, v is the mean of the rescaled values of the image and its mirror (for the shadows too).
+The signal is the cross-entropy loss of the plain image under the model. One global threshold: the alpha-quantile
+(numpy's 'lower' method, as the reference's `threshold_func`) of the same model's losses on population data --
+non-members of the target that are used nowhere else in the evaluation (`Population.aux`: neither D nor V, never a
+shadow's training point) -- with alpha = 0.1, the paper's false-positive rate. A point is a member when its loss is
+at most the threshold. We expose the test as the continuous
+    score = threshold - loss   (member iff score >= 0),
+so `predict` is exactly the reference's `signal <= threshold` and s_A measures how far a point moved against it.
+
+The threshold is computed for EACH model under test from that model's own losses on the (fixed) population data,
+as the reference computes it for whatever model it audits: applying "the same attack" to the original and to a
+forged model means running the same procedure on each, with the same auxiliary data. A threshold frozen from the
+original model would be an attack fitted on one of the two models being compared, which this project never does
+(attacks are fitted from shadows only; Attack P uses none). Nothing is learned or stored at `prepare`, so scoring
+can change no state; a forged model's scores cost one extra pass over the population data.
+
+Departures: the population data are the run's own spare points (the training split outside D and V when `data.subset`
+leaves some, else part of the test split; see `evaluate.attack_population`), |P| = `attack.population_data`
+(default |V|), not a separately curated population dataset.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from torch import nn
 
-from rayforge.attacks.base import Attack, Population, query_flips, query_logits, register_attack
+from rayforge.attacks.base import Attack, Population, register_attack
 from rayforge.attacks.shadows import ShadowSet
-from rayforge.attacks.signals import gaussian_cdf, logit_confidence
+from rayforge.attacks.signals import log_prob_label
+from rayforge.attacks.views import PLAIN, Views
 from rayforge.errors import RayforgeError
 
-MIN_STD = 1e-6  # reference models that agree exactly would give sigma 0 (a step-function score)
+
+def population_threshold(losses: np.ndarray, alpha: float) -> float:
+    """The reference's `threshold_func`: the alpha-quantile of the population losses, numpy method 'lower'."""
+    return float(np.quantile(np.asarray(losses, dtype=np.float64), alpha, method="lower"))
 
 
 @register_attack
 class EnhancedMIA(Attack):
     name = "enhanced"
+    queries = (PLAIN,)
 
     def __init__(self, fpr: float = 0.1):
         super().__init__()
         if not 0.0 < fpr < 1.0:
             raise RayforgeError(f"enhanced: fpr must be in (0, 1), got {fpr}")
         self.fpr = float(fpr)
-        self.mu: np.ndarray | None = None  # (N,)
-        self.sd: np.ndarray | None = None  # (N,)
 
     def prepare(self, pop: Population, shadows: ShadowSet) -> None:
         self._bind(pop, shadows)
-        v = np.mean([logit_confidence(shadows.all_logits(f), pop.labels[None, :]) for f in query_flips(pop)],
-                    axis=0)  # (K, N)
-        out = ~shadows.in_mask
-        if not out.any(axis=0).all():
-            raise RayforgeError("enhanced: some point has no OUT shadow to use as reference model")
-        vals = np.where(out, v, np.nan)
-        self.mu = np.nanmean(vals, axis=0)
-        self.sd = np.maximum(np.nanstd(vals, axis=0), MIN_STD)
+        pop.require_aux()
 
-    def score(self, model: nn.Module, points: np.ndarray) -> np.ndarray:
-        points = self._require_prepared(points)
-        logits = query_logits(model, self.pop, points, query_flips(self.pop))
-        v = logit_confidence(logits, self.pop.labels[points][:, None]).mean(axis=1)
-        return gaussian_cdf(v, self.mu[points], self.sd[points])
+    def threshold(self, views: Views) -> float:
+        """The model's alpha-quantile loss on the population data."""
+        aux = self.pop.aux
+        return population_threshold(-log_prob_label(views.aux_logits(PLAIN), aux.labels), self.fpr)
+
+    def score_views(self, views: Views) -> np.ndarray:
+        views = self._check_views(views)
+        loss = -log_prob_label(views.logits(PLAIN), views.labels)
+        return self.threshold(views) - loss
 
     def predict(self, scores: np.ndarray, points: np.ndarray) -> np.ndarray:
         scores, _ = self._check_scores(scores, points)
-        return scores > 1.0 - self.fpr
+        return scores >= 0.0

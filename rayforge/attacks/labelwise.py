@@ -1,8 +1,9 @@
-"""Shared machinery of the attacks with label-specific global thresholds (Xent, MEntr, MIDA).
+"""Shared machinery of the attacks with label-specific global thresholds (Xent, MEntr).
 
-Such an attack is a per-point signal of the model's outputs plus one threshold per class label, each chosen at
-maximum accuracy on calibration shadows' own members (IN) and non-members (OUT), as in the inspire-group
-membership-inference-evaluation code the paper follows.
+Such an attack is a per-point signal of the model's outputs plus one threshold per class label, each chosen on
+calibration shadows' own members (IN) and non-members (OUT) at maximum balanced accuracy 0.5 * (TPR + TNR), as the
+inspire-group membership-inference-evaluation code's `_thre_setting` does (or at plain accuracy with
+balanced=False).
 """
 
 from __future__ import annotations
@@ -11,20 +12,20 @@ from abc import abstractmethod
 from typing import Sequence
 
 import numpy as np
-from torch import nn
 
-from rayforge.attacks.base import Attack, Population, query_logits
+from rayforge.attacks.base import Attack, Population
 from rayforge.attacks.shadows import ShadowSet
 from rayforge.attacks.thresholds import per_label_thresholds
+from rayforge.attacks.views import PLAIN, Views
 from rayforge.errors import RayforgeError
 
 
 class LabelThresholdAttack(Attack):
-    """Subclasses define `signal` (higher = member) and the queries (`flips`) it reads."""
+    """Subclasses define `signal` (higher = member) of the views in `queries`."""
 
-    flips: tuple[bool, ...] = (False,)
+    queries = (PLAIN,)
 
-    def __init__(self, calibration_shadows: Sequence[int] | None = (0,), balanced: bool = False):
+    def __init__(self, calibration_shadows: Sequence[int] | None = (0,), balanced: bool = True):
         super().__init__()
         self.calibration_shadows = None if calibration_shadows is None else tuple(int(k) for k in calibration_shadows)
         self.balanced = bool(balanced)
@@ -33,14 +34,14 @@ class LabelThresholdAttack(Attack):
 
     @abstractmethod
     def signal(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """(P,) scores from logits (P, Q, C), one query per entry of `self.flips`, and labels (P,)."""
+        """(P,) scores from logits (P, Q, C), one view per entry of `self.queries`, and labels (P,)."""
 
     def _calibration(self, pop: Population, shadows: ShadowSet) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """Per calibration shadow its logits (N, Q, C); plus pooled IN labels and class labels."""
         ks = range(shadows.k) if self.calibration_shadows is None else self.calibration_shadows
         if not ks or any(k < 0 or k >= shadows.k for k in ks):
             raise RayforgeError(f"{self.name}: calibration shadows {list(ks)} not in 0..{shadows.k - 1}")
-        logits = [np.stack([shadows.logits(k, f) for f in self.flips], axis=1) for k in ks]
+        logits = [np.stack([shadows.logits(k, q) for q in self.queries], axis=1) for k in ks]
         members = np.concatenate([shadows.in_mask[k] for k in ks])
         classes = np.tile(pop.labels, len(ks))
         return logits, members, classes
@@ -52,9 +53,9 @@ class LabelThresholdAttack(Attack):
         self.thresholds, self.global_threshold = per_label_thresholds(scores, members, classes, pop.num_classes,
                                                                       self.balanced)
 
-    def score(self, model: nn.Module, points: np.ndarray) -> np.ndarray:
-        points = self._require_prepared(points)
-        return self.signal(query_logits(model, self.pop, points, self.flips), self.pop.labels[points])
+    def score_views(self, views: Views) -> np.ndarray:
+        views = self._check_views(views)
+        return self.signal(views.stacked(self.queries), views.labels)
 
     def predict(self, scores: np.ndarray, points: np.ndarray) -> np.ndarray:
         scores, points = self._check_scores(scores, points)

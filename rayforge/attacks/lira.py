@@ -11,21 +11,30 @@ As in the reference (research/mi_lira_2021/plot.py): the location is the median 
 one odd shadow), the scale their standard deviation (ddof=0). `global_variance` replaces each per-example scale by
 one pooled within-example std of the IN (resp. OUT) values per query; the reference's `fix_variance` instead takes
 np.std of all values around a single global mean (adding between-point spread), and its online variant uses the IN
-spread for OUT too -- we do neither. The threshold is the one of maximum accuracy on the shadows themselves, scored
-leave-one-out so a shadow is never judged by Gaussians it helped fit.
+spread for OUT too -- we do neither. The threshold is the one of maximum accuracy on the shadows themselves (the
+paper's Appendix C: "computed based on maximum accuracy"), scored leave-one-out so a shadow is never judged by
+Gaussians it helped fit.
+
+Further departures from the reference: its inference.py queries the raw model with `training=True` (BatchNorm with
+the statistics of 5000-image batches); we query in eval mode (running statistics), so a point's score never depends
+on which points share its batch. Its shadows train with random shifts (reflect-padded 4 pixels), momentum 0.9,
+weight decay 5e-4 on conv/linear weights, a cosine-shaped decay with warm-up and weight EMA; ours train exactly as the
+target does (flips only, the project's SGD step) with the attack config's lr, batch size, epochs, momentum and weight
+decay (`shadows.shadow_train_config`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
-from torch import nn
 
-from rayforge.attacks.base import Attack, Population, query_flips, query_logits, register_attack
+from rayforge.attacks.base import Attack, Population, augmentation_queries, register_attack
 from rayforge.attacks.shadows import ShadowSet
 from rayforge.attacks.signals import gaussian_log_sf, gaussian_logpdf, logit_confidence
 from rayforge.attacks.thresholds import best_threshold
+from rayforge.attacks.views import Query, Views
 from rayforge.errors import RayforgeError
 
 MIN_STD = 1e-6  # a point whose shadows agree exactly would get sigma 0 and an infinite score; phi is O(1..100)
@@ -41,10 +50,9 @@ class GaussianFit:
     sd_in: np.ndarray | None = None
 
 
-def shadow_phi(shadows: ShadowSet, pop: Population) -> np.ndarray:
+def shadow_phi(shadows: ShadowSet, pop: Population, queries: Sequence[Query]) -> np.ndarray:
     """(K, N, Q) phi of every shadow on every point and query."""
-    return np.stack([logit_confidence(shadows.all_logits(f), pop.labels[None, :]) for f in query_flips(pop)],
-                    axis=-1)
+    return np.stack([logit_confidence(shadows.all_logits(q), pop.labels[None, :]) for q in queries], axis=-1)
 
 
 def _masked_stats(phi: np.ndarray, mask: np.ndarray, global_variance: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +110,8 @@ class LiRA(Attack):
         self._bind(pop, shadows)
         if self.online and shadows.k < 4:
             raise RayforgeError("LiRA online needs >= 4 shadows (leave-one-out must leave an IN model per point)")
-        phi = shadow_phi(shadows, pop)
+        self.queries = augmentation_queries(pop)
+        phi = shadow_phi(shadows, pop, self.queries)
         in_mask = shadows.in_mask
         self.fit = fit_gaussians(phi, in_mask, self.online, self.global_variance)
         # Leave-one-out calibration: shadow k plays the target, Gaussians come from the other K-1 shadows.
@@ -116,11 +125,10 @@ class LiRA(Attack):
             labels.append(in_mask[k])
         self.threshold, self.shadow_accuracy = best_threshold(np.concatenate(scores), np.concatenate(labels))
 
-    def score(self, model: nn.Module, points: np.ndarray) -> np.ndarray:
-        points = self._require_prepared(points)
-        logits = query_logits(model, self.pop, points, query_flips(self.pop))  # (P, Q, C)
-        phi = logit_confidence(logits, self.pop.labels[points][:, None])
-        return lira_score(phi, _take(self.fit, points), self.online)
+    def score_views(self, views: Views) -> np.ndarray:
+        views = self._check_views(views)
+        phi = logit_confidence(views.stacked(self.queries), views.labels[:, None])  # (P, Q)
+        return lira_score(phi, _take(self.fit, views.points), self.online)
 
     def predict(self, scores: np.ndarray, points: np.ndarray) -> np.ndarray:
         scores, _ = self._check_scores(scores, points)

@@ -8,8 +8,6 @@ in log-space instead (`signals.modified_entropy`), identical for ordinary output
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
 from rayforge.attacks.base import register_attack
@@ -20,10 +18,6 @@ from rayforge.attacks.signals import modified_entropy
 @register_attack
 class MEntr(LabelThresholdAttack):
     name = "mentr"
-    flips = (False,)
-
-    def __init__(self, calibration_shadows: Sequence[int] | None = (0,), balanced: bool = True):
-        super().__init__(calibration_shadows, balanced)
 
     def signal(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return -modified_entropy(logits[:, 0], labels)

@@ -2,17 +2,21 @@
 
 Every point is IN for exactly K/2 shadows (per point, a random permutation of the K shadows with the first K/2
 IN, as in the reference's `keep.argsort(0) < K/2`), so every point has equally many IN and OUT models to fit its
-statistics from. Each shadow's logits on every point, plain and mirrored, are computed once here and cached:
-every attack needs them, and they never change.
+statistics from. Each shadow's logits on every point, plain and mirrored (plus any other view an attack asks for,
+e.g. MIDA's shifted copies), are computed once and cached: every attack needs them, and they never change.
+
+The shadows' architecture and schedule are the attack config's (`shadow_train_config`): the paper's are LiRA's
+cnn32-3-max (MNIST) and WRN-28-2 (CIFAR-10); the target's by default.
 
 On disk (a directory; safetensors and JSON only, never pickle):
     shadows.json               model name, population fingerprint, K, N, in_mask (K strings of '0'/'1')
     shadow-<kk>.safetensors    state of shadow k: param/<name>, buffer/<name>
-    logits.safetensors         'plain' and 'flip', float32 (K, N, C)
+    logits.safetensors         one float32 (K, N, C) tensor per cached view, named by `Query.key`
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,15 +25,29 @@ import torch
 from torch import nn
 
 from rayforge.attacks.base import Population, model_logits
-from rayforge.config import TrainConfig
+from rayforge.attacks.views import MIRROR, PLAIN, Query
+from rayforge.config import Config, TrainConfig
 from rayforge.errors import MalformedArtifact, RayforgeError
 from rayforge.models import build_model
-from rayforge.train.log import check_state, load_state, state_tensors
+from rayforge.train.log import check_state, load_state
 from rayforge.io import atomic_write_json, read_tensors, save_tensors
 from rayforge.train.schedule import make_plan
 from rayforge.train.sgd import SGDHyper, train_step, zero_velocity
 
-SHADOWS_FORMAT = "rayforge-shadows/1"
+SHADOWS_FORMAT = "rayforge-shadows/2"
+
+
+def shadow_model_name(cfg: Config) -> str:
+    return cfg.attack.shadow_model or cfg.model.name
+
+
+def shadow_train_config(cfg: Config) -> TrainConfig:
+    """The target's training config with the attack config's shadow schedule (epochs, lr, batch size, momentum,
+    weight decay) where it sets one."""
+    a = cfg.attack
+    chosen = {"epochs": a.shadow_epochs, "lr": a.shadow_lr, "batch_size": a.shadow_batch_size,
+              "momentum": a.shadow_momentum, "weight_decay": a.shadow_weight_decay}
+    return dataclasses.replace(cfg.train, **{k: v for k, v in chosen.items() if v is not None})
 
 
 def fresh_model(model_name: str, pop: Population, seed: int) -> nn.Module:
@@ -75,10 +93,11 @@ def shadow_seed(seed: int, k: int) -> int:
 
 
 class ShadowSet:
-    """K shadow models (as CPU state dicts), their IN/OUT assignment and their cached logits on the population."""
+    """K shadow models (as CPU state dicts), their IN/OUT assignment and their cached logits on the population, per
+    view (`Query`): plain and mirrored always, others computed on first request."""
 
     def __init__(self, pop: Population, model_name: str, in_mask: np.ndarray, states: list[dict[str, torch.Tensor]],
-                 logits: dict[bool, np.ndarray] | None = None):
+                 logits: dict[Query, np.ndarray] | None = None):
         in_mask = np.array(in_mask, dtype=bool)  # own copies: they are frozen below, the caller's stay writable
         if in_mask.ndim != 2 or in_mask.shape[1] != len(pop) or in_mask.shape[0] != len(states):
             raise RayforgeError(f"in_mask must be (K={len(states)}, N={len(pop)}), got {in_mask.shape}")
@@ -87,32 +106,34 @@ class ShadowSet:
         self.in_mask = in_mask
         self.in_mask.flags.writeable = False  # attacks share it; nobody may edit it
         self.states = states
-        if logits is None:
-            logits = {f: np.stack([model_logits(self.model(k), pop, flip=f) for k in range(self.k)])
-                      for f in (False, True)}
-        logits = {bool(f): np.array(arr, dtype=np.float32) for f, arr in logits.items()}
-        if set(logits) != {False, True}:
-            raise RayforgeError("shadow logits must be given for both plain and flipped queries")
-        for f, arr in logits.items():
-            if arr.shape != (self.k, len(pop), pop.num_classes) or not np.all(np.isfinite(arr)):
-                raise RayforgeError(f"shadow logits must be finite ({self.k}, {len(pop)}, {pop.num_classes}), "
-                                    f"got {arr.shape}")
-            arr.flags.writeable = False
-        self._logits = logits
+        self._logits: dict[Query, np.ndarray] = {}
+        for query, arr in (logits or {}).items():
+            self._store(query, arr)
+        self.ensure((PLAIN, MIRROR))
 
     @property
     def k(self) -> int:
         return len(self.states)
 
-    @classmethod
-    def train(cls, pop: Population, k: int, model_name: str, train_cfg: TrainConfig, seed: int) -> "ShadowSet":
-        """Train K shadows, shadow j on the points its row of `balanced_in_mask(K, N, seed)` marks IN."""
-        in_mask = balanced_in_mask(k, len(pop), seed)
-        states = []
-        for j in range(k):
-            model = train_shadow(pop, np.flatnonzero(in_mask[j]), model_name, train_cfg, shadow_seed(seed, j))
-            states.append(state_tensors(model, None))
-        return cls(pop, model_name, in_mask, states)
+    def _store(self, query: Query, arr: np.ndarray) -> None:
+        arr = np.array(arr, dtype=np.float32)
+        if arr.shape != (self.k, len(self.pop), self.pop.num_classes) or not np.all(np.isfinite(arr)):
+            raise RayforgeError(f"shadow logits must be finite ({self.k}, {len(self.pop)}, {self.pop.num_classes}), "
+                                f"got {arr.shape} for view {query.key}")
+        arr.flags.writeable = False
+        self._logits[query] = arr
+
+    def ensure(self, queries) -> None:
+        """Compute (once) every shadow's logits for the views in `queries` that are not cached yet."""
+        missing = sorted(set(queries) - set(self._logits))
+        if not missing:
+            return
+        per_shadow = []
+        for j in range(self.k):
+            model = self.model(j)
+            per_shadow.append([model_logits(model, self.pop, query=q) for q in missing])
+        for i, query in enumerate(missing):
+            self._store(query, np.stack([rows[i] for rows in per_shadow]))
 
     def model(self, k: int) -> nn.Module:
         """Shadow k as a module on the population's device, in eval mode."""
@@ -120,13 +141,26 @@ class ShadowSet:
         load_state(self.states[k], model, None)
         return model.eval()
 
-    def logits(self, k: int, flip: bool = False) -> np.ndarray:
-        """Read-only float32 (N, C) logits of shadow k on every population point (mirrored when `flip`)."""
-        return self._logits[bool(flip)][k]
+    def logits(self, k: int, query: Query = PLAIN) -> np.ndarray:
+        """Read-only float32 (N, C) logits of shadow k on every population point under view `query`."""
+        return self.all_logits(query)[k]
 
-    def all_logits(self, flip: bool = False) -> np.ndarray:
+    def all_logits(self, query: Query = PLAIN) -> np.ndarray:
         """Read-only float32 (K, N, C)."""
-        return self._logits[bool(flip)]
+        self.ensure((query,))
+        return self._logits[query]
+
+    def cached_logits(self) -> dict[str, np.ndarray]:
+        """Every view's logits computed so far, keyed by `Query.key` (what `ShadowSet(..., logits)` takes back via
+        `Query.from_key`)."""
+        return {q.key: arr for q, arr in self._logits.items()}
+
+    def without(self, k: int) -> "ShadowSet":
+        """The other K-1 shadows (sharing states and cached logits): the shadow set of the exchangeable control,
+        where shadow k plays the target."""
+        keep = np.arange(self.k) != k
+        return ShadowSet(self.pop, self.model_name, self.in_mask[keep], [s for j, s in enumerate(self.states) if j != k],
+                         {q: arr[keep] for q, arr in self._logits.items()})
 
     # ---- persistence ------------------------------------------------------------------------------------------
 
@@ -136,8 +170,7 @@ class ShadowSet:
         for j, state in enumerate(self.states):
             save_tensors(directory / f"shadow-{j:02d}.safetensors", state)
         save_tensors(directory / "logits.safetensors",
-                      {"plain": torch.from_numpy(self._logits[False].copy()),
-                       "flip": torch.from_numpy(self._logits[True].copy())})
+                     {q.key: torch.from_numpy(arr.copy()) for q, arr in self._logits.items()})
         # Written last: its presence marks a complete set.
         atomic_write_json(directory / "shadows.json", {
             "format": SHADOWS_FORMAT,
@@ -177,10 +210,14 @@ class ShadowSet:
             check_state(state, template, str(path), need_velocity=False)
             states.append(state)
         raw = read_tensors(directory / "logits.safetensors")
-        if set(raw) != {"plain", "flip"}:
-            raise MalformedArtifact(f"{directory}/logits.safetensors: expected tensors 'plain' and 'flip'")
         try:
-            return cls(pop, model_name, in_mask, states, {False: raw["plain"].numpy(), True: raw["flip"].numpy()})
+            logits = {Query.from_key(key): tensor.numpy() for key, tensor in raw.items()}
+        except ValueError as exc:
+            raise MalformedArtifact(f"{directory}/logits.safetensors: {exc}") from None
+        if not {PLAIN, MIRROR} <= set(logits):
+            raise MalformedArtifact(f"{directory}/logits.safetensors: expected the views {PLAIN.key} and {MIRROR.key}")
+        try:
+            return cls(pop, model_name, in_mask, states, logits)
         except RayforgeError as exc:
             raise MalformedArtifact(f"{directory}: {exc}") from None
 

@@ -10,6 +10,8 @@ from rayforge.data.dataset import (
     dataset_info,
     draw_subset,
     load_split,
+    prepare_points,
+    training_split,
 )
 from rayforge.data.transforms import apply_flips, to_float
 
@@ -26,5 +28,7 @@ __all__ = [
     "draw_subset",
     "load_split",
     "point_sha256",
+    "prepare_points",
     "to_float",
+    "training_split",
 ]

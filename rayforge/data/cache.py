@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from rayforge.data.arrays import ImageArrays
+from rayforge.io import save_npy
 
 # Bump when a decoder's output changes, so stale caches are never reused.
 DECODER_VERSION = 1
@@ -44,19 +44,6 @@ def source_key(files: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    # Write a temp file in the same dir, then rename: a killed run leaves either nothing or a whole file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's private 0600 would hide a shared cache from other users
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load(images_path: Path, labels_path: Path) -> ImageArrays | None:
     if not (images_path.is_file() and labels_path.is_file()):
         return None
@@ -84,8 +71,8 @@ def cached_arrays(dataset: str, split: str, source: Source) -> ImageArrays:
             images_path, labels_path = paths(s)
             images_path.parent.mkdir(parents=True, exist_ok=True)
             # Each file is atomic and a hit needs both, so a run killed between the two only costs a re-decode.
-            _save_atomic(labels_path, arrays.labels)
-            _save_atomic(images_path, arrays.images)
+            save_npy(labels_path, arrays.labels)
+            save_npy(images_path, arrays.images)
     except OSError as exc:
         # A read-only cache only costs speed, never correctness.
         warnings.warn(f"could not write the array cache under {cache_dir()}: {exc}", stacklevel=2)

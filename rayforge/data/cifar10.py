@@ -10,10 +10,9 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-
 from rayforge.data.arrays import ImageArrays
 from rayforge.data.cache import Source
+from rayforge.data.imagefolder import decode_image, stack_images
 from rayforge.errors import MalformedArtifact
 
 ARCHIVE = "cifar10-jpeg.tar.gz"
@@ -40,19 +39,11 @@ def _decode_entries(entries: list[tuple[str, str, bytes]], classes: set[str], or
     """Decode (class, filename, encoded bytes) entries in (class, filename) order, labelled by sorted class."""
     label_of = {c: i for i, c in enumerate(sorted(classes))}
     entries.sort(key=lambda e: (e[0], e[1]))
-    images = np.empty((len(entries), 32, 32, 3), np.uint8)
-    for i, (cls, name, data) in enumerate(entries):
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise MalformedArtifact(f"{origin}: cannot decode image {cls}/{name} ({exc})") from None
-        if pixels.shape != (32, 32, 3):
-            size = f"{pixels.shape[1]}x{pixels.shape[0]}"
-            raise MalformedArtifact(f"{origin}: image {cls}/{name} is {size}, expected 32x32")
-        images[i] = pixels
+    names = [f"{origin}: image {cls}/{name}" for cls, name, _ in entries]
+    pixels = [decode_image(data, name) for (_, _, data), name in zip(entries, names)]
+    images = stack_images(pixels, names, size=(32, 32), channels=3)
     labels = np.array([label_of[cls] for cls, _, _ in entries], np.int64)
-    return ImageArrays(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels)
+    return ImageArrays(images, labels)
 
 
 def _is_image(name: str) -> bool:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from rayforge.forge.algorithm2 import best_of_candidates, draw_candidates
-from rayforge.forge.engine import FORGED_SCHEMA, unit_table
+from rayforge.forge.engine import FORGED_SCHEMA
 from rayforge.forge.fastgrad import make_gradient_evaluator
 from rayforge.forge.gradients import flatten
 from rayforge.forge.twins import Twins
@@ -62,6 +62,3 @@ def forge_point_naive(run: TrainingRun, point: int, mu: int, seed: int, steps: r
         sgd_update(model, g, velocity, float(run.steps.lr[t]), hyper)
     return {"columns": cols, "grad_evals": grads.evaluations + (steps.stop - start)}
 
-
-def naive_table(result: dict):
-    return unit_table(result["columns"])

@@ -46,14 +46,6 @@ STRATEGIES: dict[str, Callable] = {"paper": algorithm2.forge_parts, "swap": swap
                                    "hybrid": swap.forge_parts_hybrid}
 
 
-def register_strategy(name: str):
-    def deco(fn):
-        STRATEGIES[name] = fn
-        return fn
-
-    return deco
-
-
 @dataclass(frozen=True)
 class ForgeParams:
     """Everything that determines the output bytes (chunk and threads change float rounding, so they count)."""
@@ -258,8 +250,9 @@ def unit_path(out: Path, unit: tuple) -> Path:
     return out / "units" / f"seg-{unit[0]:08d}-part-{unit[2][0]:04d}.parquet"
 
 
-def prepare_output(out: Path, params: ForgeParams) -> None:
-    """Create the output dir, or check an existing one (a resume) was made with the same parameters."""
+def prepare_output(out: Path, params, hint: str = "choose a different strategy directory") -> None:
+    """Create the output dir, or check an existing one (a resume) was made with the same parameters (any object
+    with `to_json()`; `hint` ends the error)."""
     (out / "units").mkdir(parents=True, exist_ok=True)
     path = out / "params.json"
     if path.exists():
@@ -269,7 +262,7 @@ def prepare_output(out: Path, params: ForgeParams) -> None:
             raise MalformedArtifact(f"{path}: unreadable") from None
         if previous != params.to_json():
             raise RayforgeError(f"{out} holds progress made with other parameters {previous}; "
-                                f"remove it or choose a different strategy directory")
+                                f"remove it or {hint}")
     else:
         from rayforge.io import atomic_write_json
 

@@ -3,16 +3,28 @@
 A factory is ``fn(in_shape: tuple[int, int, int], num_classes: int) -> nn.Module``; it is
 registered with the :func:`register_model` decorator and built with :func:`build_model`.
 The built-in models register themselves when :mod:`rayforge.models` is imported.
+
+A name of the form ``module:callable`` (e.g. ``mynets:small_cnn``, ``pkg.models:Net``) names the user's own
+factory with the same signature, imported on demand (the current directory is searched too, as ``python -m``
+does). Importing it runs the user's code: a model owner does so for their own runs, and `rayforge verify`
+does so only when told to trust it (``--trust-model-code``).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import re
+import sys
 from typing import Callable
 
 from torch import nn
 
-from rayforge.errors import RayforgeError
+from rayforge.errors import RayforgeError, UnusableInput
+
+class UntrustedModelCode(UnusableInput):
+    """A `module:callable` model that may only be built when its code is explicitly trusted (exit 2)."""
+
 
 Factory = Callable[[tuple[int, int, int], int], nn.Module]
 
@@ -24,8 +36,42 @@ _BUILTIN_MODULES = (
     "rayforge.models.vgg_mini",
     "rayforge.models.resnet_mini",
     "rayforge.models.logreg",
+    "rayforge.models.cnn32",
+    "rayforge.models.wrn",
 )
 _builtins_loaded = False
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+CODE_REFERENCE = re.compile(rf"^{_DOTTED}:{_DOTTED}$")
+
+
+def is_code_reference(name: str) -> bool:
+    """True for ``module:callable`` names (the user's own architecture), False for registry names."""
+    return isinstance(name, str) and len(name) <= 256 and CODE_REFERENCE.match(name) is not None
+
+
+def import_factory(reference: str) -> Factory:
+    """The callable named by ``module:callable``, imported (with the current directory on the path)."""
+    if not is_code_reference(reference):
+        raise RayforgeError(f"model {reference!r} is not of the form module:callable")
+    module_name, _, attr = reference.partition(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RayforgeError(f"model {reference!r}: cannot import {module_name} ({exc})") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise RayforgeError(f"model {reference!r}: {module_name} has no attribute {attr}")
+    if not callable(target):
+        raise RayforgeError(f"model {reference!r} is not callable")
+    return target
 
 
 def _ensure_builtins() -> None:
@@ -71,17 +117,23 @@ def _check_in_shape(in_shape) -> tuple[int, int, int]:
 def build_model(name: str, in_shape=(1, 32, 32), num_classes: int = 10) -> nn.Module:
     """Build a fresh (randomly initialised, from torch's global RNG) model by name.
 
+    ``name`` is a registered name or ``module:callable`` (imported: runs the user's code).
     Raises :class:`RayforgeError` for an unknown name, a malformed ``in_shape`` or ``num_classes``,
     or an input shape the architecture cannot take.
     """
     _ensure_builtins()
     factory = _REGISTRY.get(name)
+    if factory is None and is_code_reference(name):
+        factory = import_factory(name)
     if factory is None:
-        raise RayforgeError(f"unknown model {name!r} (known: {', '.join(sorted(_REGISTRY))})")
+        raise RayforgeError(f"unknown model {name!r} (known: {', '.join(sorted(_REGISTRY))}, or module:callable)")
     shape = _check_in_shape(in_shape)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise RayforgeError(f"num_classes must be a positive integer, got {num_classes!r}")
-    return factory(shape, num_classes)
+    model = factory(shape, num_classes)
+    if not isinstance(model, nn.Module):
+        raise RayforgeError(f"model {name!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def param_count(model: nn.Module) -> int:

@@ -91,12 +91,19 @@ def params_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def l2_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """‖a − b‖₂ over the tensors of `a` (b must hold the same names), accumulated in float64."""
+    """‖a − b‖₂ over the tensors of `a` (b must hold the same names), in float64 and in one fixed order: names
+    sorted, each tensor's squares summed by numpy (pairwise, single-threaded). The same tensors therefore give the
+    same bits whatever the dict order or thread count, so a PoR's ε is compared with the verifier's measurement
+    exactly, without slack."""
     sq = 0.0
-    for name, ta in a.items():
-        diff = ta.detach().to("cpu", torch.float64) - b[name].detach().to("cpu", torch.float64)
-        sq += float((diff * diff).sum())
+    for name in sorted(a):
+        diff = _float64(a[name]) - _float64(b[name])
+        sq += float(np.square(diff).sum())
     return math.sqrt(sq)
+
+
+def _float64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).contiguous().numpy().reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -227,9 +234,16 @@ def _data_config(raw: Any, seed: int) -> DataConfig:
         raise MalformedArtifact(f"{MANIFEST}: 'dataset.config' is not a valid data config ({exc})") from None
 
 
-def _training(raw: Any) -> TrainingSpec:
-    from rayforge.models import model_names
+def _model_name(v: Any) -> str:
+    """A registered model, or `module:callable` (built by the verifier only when trusted)."""
+    from rayforge.models import is_code_reference, model_names
 
+    if type(v) is str and is_code_reference(v):
+        return v
+    return _str(v, "training.model", set(model_names()))
+
+
+def _training(raw: Any) -> TrainingSpec:
     raw = _keys(raw, TRAINING_KEYS, "training")
     shape = raw["in_shape"]
     if type(shape) is not list or len(shape) != 3:
@@ -238,7 +252,7 @@ def _training(raw: Any) -> TrainingSpec:
                 _int(shape[1], 1, MAX_SIDE, "training.in_shape[1]"),
                 _int(shape[2], 1, MAX_SIDE, "training.in_shape[2]"))
     return TrainingSpec(
-        model=_str(raw["model"], "training.model", set(model_names())),
+        model=_model_name(raw["model"]),
         in_shape=in_shape,
         batch_size=_int(raw["batch_size"], 1, MAX_POINTS, "training.batch_size"),
         momentum=_float(raw["momentum"], "training.momentum", 0.0, 1.0, hi_open=True),

@@ -35,7 +35,7 @@ def _original_final(run: TrainingRun) -> dict[str, torch.Tensor]:
     """The original log's final state (θ* and its buffers), checked against the model."""
     path = run.traj_dir / ckpt_name(run.total_steps)
     tensors = read_checkpoint(path)
-    model = new_model(run.cfg, run.info["shape"], torch.device("cpu"))
+    model = new_model(run.cfg, run.info["shape"], torch.device("cpu"), run.num_classes)
     check_state(tensors, model, str(path), need_velocity=bool(run.cfg.train.momentum))
     return tensors
 
@@ -85,6 +85,34 @@ def _export_por(run: TrainingRun, strategy: str, point, out_dir: Path, device: t
     return write_por(run, point, members, forged, first, out_dir, device)
 
 
+def por_manifest(run: TrainingRun, ds, point: int, members, final: dict[str, torch.Tensor],
+                 theta_star: dict[str, torch.Tensor]) -> dict:
+    """por.json of the PoR of `point` (excluding `members`) whose final parameters are `final`, about the deployed
+    `theta_star`."""
+    epsilon = l2_distance(final, theta_star)
+    if not math.isfinite(epsilon):
+        raise RayforgeError(f"the forged model of point {point} has non-finite parameters")
+    data_cfg = run.cfg.to_dict()["data"]
+    data_cfg["data_root"] = None  # a path on the owner's machine means nothing to a verifier
+    t = run.cfg.train
+    return {
+        "format": POR_FORMAT,
+        "point": point,
+        "point_sha256": point_sha256(ds.train, point),
+        "excluded": [int(m) for m in members],
+        "deployed_sha256": model_sha256(theta_star),
+        "dataset": {"config": data_cfg, "seed": int(run.cfg.seed), "n": int(run.info["n"]),
+                    "train_sha256": run.info["train_sha256"]},
+        "training": {"model": run.cfg.model.name, "in_shape": [int(d) for d in run.info["shape"]],
+                     "batch_size": t.batch_size, "momentum": float(t.momentum),
+                     "weight_decay": float(t.weight_decay), "lr": float(t.lr), "lr_schedule": t.lr_schedule,
+                     "epochs": t.epochs, "threads": t.threads, "flip": bool(run.cfg.data.flip)},
+        "checkpoints": [int(c) for c in run.checkpoints],
+        "epsilon": epsilon,
+        "d_theta": d_theta(final, theta_star),
+    }
+
+
 def write_por(run: TrainingRun, point: int, members: np.ndarray, forged, first: int, out_dir: Path,
               device: torch.device | None = None, data=None) -> dict:
     """Replay the forged log `forged` (a Steps equal to the original before step `first`) from the last checkpoint
@@ -95,15 +123,13 @@ def write_por(run: TrainingRun, point: int, members: np.ndarray, forged, first: 
     data = data or run.tensor_data(ds, device)
     hyper = hyper_of(run.cfg)
     momentum = bool(run.cfg.train.momentum)
-    group = f"of point {point}"
-    n = int(run.info["n"])
     start = max(c for c in run.checkpoints if c <= first)
     original_final = _original_final(run)
     theta_star = params_of(original_final)
 
     with staged_dir(out_dir) as tmp_dir:
         # Up to `start` the forged trajectory is the original one: its checkpoints, checked, byte for byte.
-        template = new_model(run.cfg, run.info["shape"], torch.device("cpu"))
+        template = new_model(run.cfg, run.info["shape"], torch.device("cpu"), run.num_classes)
         for c in (c for c in run.checkpoints if c <= start):
             src = run.traj_dir / ckpt_name(c)
             check_state(read_checkpoint(src), template, str(src), need_velocity=momentum)
@@ -115,29 +141,7 @@ def write_por(run: TrainingRun, point: int, members: np.ndarray, forged, first: 
             save_checkpoint(tmp_dir / ckpt_name(b), model, velocity if momentum else None, b)
         final = {k: v.detach().to("cpu") for k, v in model.named_parameters()}
         write_parquet(tmp_dir / STEPS_FILE, steps_table(forged.batch, forged.flip, forged.lr))
-
-        epsilon = l2_distance(final, theta_star)
-        if not math.isfinite(epsilon):
-            raise RayforgeError(f"the forged model {group} has non-finite parameters")
-        data_cfg = run.cfg.to_dict()["data"]
-        data_cfg["data_root"] = None  # a path on the owner's machine means nothing to a verifier
-        t = run.cfg.train
-        manifest = {
-            "format": POR_FORMAT,
-            "point": point,
-            "point_sha256": point_sha256(ds.train, point),
-            "excluded": [int(m) for m in members],
-            "deployed_sha256": model_sha256(theta_star),
-            "dataset": {"config": data_cfg, "seed": int(run.cfg.seed), "n": n,
-                        "train_sha256": run.info["train_sha256"]},
-            "training": {"model": run.cfg.model.name, "in_shape": [int(d) for d in run.info["shape"]],
-                         "batch_size": t.batch_size, "momentum": float(t.momentum),
-                         "weight_decay": float(t.weight_decay), "lr": float(t.lr), "lr_schedule": t.lr_schedule,
-                         "epochs": t.epochs, "threads": t.threads, "flip": bool(run.cfg.data.flip)},
-            "checkpoints": [int(c) for c in run.checkpoints],
-            "epsilon": epsilon,
-            "d_theta": d_theta(final, theta_star),
-        }
+        manifest = por_manifest(run, ds, point, members, final, theta_star)
         atomic_write_json(tmp_dir / MANIFEST, manifest)
         read_manifest(tmp_dir)  # what we write must pass the verifier's own schema check
     return manifest

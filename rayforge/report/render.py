@@ -6,13 +6,16 @@ from pathlib import Path
 
 import numpy as np
 
-from rayforge.io import atomic_write_json, atomic_write_text
+from rayforge.audit.figure import audit_report
+from rayforge.config import WandbConfig
+from rayforge.io import atomic_write, atomic_write_json, atomic_write_text
 from rayforge.report.metrics import compute_metrics
 from rayforge.tracking import MetricLogger
 from rayforge.train.run import TrainingRun
 
-ATTACK_TITLES = {"lira": "LiRA", "enhanced": "EnhancedMIA", "mentr": "MEntr", "xent": "Xent", "mida": "MIDA"}
-ORDER = ["lira", "enhanced", "mentr", "xent", "mida"]
+ATTACK_TITLES = {"lira": "LiRA", "enhanced": "EnhancedMIA", "enhanced_ref": "EnhancedMIA-R", "mentr": "MEntr",
+                 "xent": "Xent", "mida": "MIDA"}
+ORDER = ["lira", "enhanced", "enhanced_ref", "mentr", "xent", "mida"]
 
 
 def tables_md(metrics: dict) -> str:
@@ -54,7 +57,7 @@ def figures(figs: dict, out: Path, title: str) -> list[Path]:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
         plt.close(fig)
         return path
 
@@ -80,23 +83,25 @@ def figures(figs: dict, out: Path, title: str) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     paths.append(out / "roc.png")
-    fig.savefig(paths[-1], dpi=120)
+    atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return paths
 
 
-def write_report(run_dir: str | Path, strategy: str = "paper") -> dict:
+def write_report(run_dir: str | Path, strategy: str = "paper", wandb_cfg: WandbConfig | None = None) -> dict:
+    """metrics.json, tables.md and the figures under RUN/report/; W&B per `wandb_cfg` (default: the run's)."""
     metrics, figs = compute_metrics(run_dir, strategy)
     out = Path(run_dir) / "report"
     out.mkdir(exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_text(out / "tables.md", tables_md(metrics))
+    atomic_write_text(out / "tables.md", tables_md(metrics) + audit_report(run_dir))  # "" until `rayforge audit`
     s = metrics["setting"]
     paths = figures(figs, out, f"{s['dataset']} {s['model']} λ={s['lam']}")
     run = TrainingRun.open(run_dir)
     columns = ["attack", "auc", "tpr_at_0.1_fpr", "c_diff", "c_common", "c_validation", "s_median"]
     rows = [[a] + [m[c] for c in columns[1:]] for a, m in metrics["attacks"].items()]
-    with MetricLogger(run.run_dir, f"report-{strategy}", run.cfg.wandb, run.cfg.to_dict(), run_name=run.cfg.name) as log:
+    wandb_cfg = wandb_cfg or run.cfg.wandb
+    with MetricLogger(run.run_dir, f"report-{strategy}", wandb_cfg, run.cfg.to_dict(), run_name=run.cfg.name) as log:
         log.media({p.stem: p for p in paths}, {"attacks": (columns, rows)})
         log.summary({"d_theta_median": metrics["d_theta"]["median"], "d_theta_p90": metrics["d_theta"]["p90"],
                      "uniformity_l1": metrics["uniformity_l1"]["mean"],

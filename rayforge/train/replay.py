@@ -11,7 +11,20 @@ from rayforge.errors import RayforgeError
 from rayforge.train.batches import TensorData
 from rayforge.train.log import Steps, check_state, ckpt_name, read_checkpoint, state_tensors
 from rayforge.train.run import TrainingRun, hyper_of, set_determinism
-from rayforge.train.sgd import SGDHyper, train_step
+from rayforge.train.sgd import SGDHyper, loss_and_grads, sgd_update, train_step
+
+
+def walk_trajectory(run: TrainingRun, data: TensorData, start: int, stop: int, device: torch.device):
+    """Walk the original log from checkpoint `start` to step `stop`: yield (t, model, grads) with the model at θ_t
+    and `grads` its logged minibatch gradient there; step t's update is applied once the consumer resumes.
+    After the last step the model holds θ_stop (checked against the log by the caller where it matters)."""
+    model, velocity = run.model_at(start, device)
+    hyper = hyper_of(run.cfg)
+    for t in range(start, stop):
+        x, y = data.batch(run.steps.batch[t], run.steps.flip[t])
+        _, grads = loss_and_grads(model, x, y)
+        yield t, model, grads
+        sgd_update(model, grads, velocity, float(run.steps.lr[t]), hyper)
 
 
 def replay_steps(model: nn.Module, velocity: dict[str, torch.Tensor], data: TensorData, steps: Steps,

@@ -26,7 +26,7 @@ from rayforge.train.log import (Steps, check_state, ckpt_name, list_checkpoints,
                                 read_steps, state_tensors)
 from rayforge.train.sgd import SGDHyper, zero_velocity
 
-NUM_CLASSES = 10
+NUM_CLASSES = 10  # logs written before dataset.json recorded "num_classes" were all 10-class
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,10 +62,10 @@ def hyper_of(cfg: Config) -> SGDHyper:
     return SGDHyper(momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
 
 
-def new_model(cfg: Config, in_shape, device: torch.device) -> nn.Module:
+def new_model(cfg: Config, in_shape, device: torch.device, num_classes: int = NUM_CLASSES) -> nn.Module:
     """The model of the config, initialised from the run seed (θ₀ of the log)."""
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model.name, tuple(in_shape), NUM_CLASSES).to(device)
+    return build_model(cfg.model.name, tuple(in_shape), num_classes).to(device)
 
 
 @dataclass
@@ -99,7 +99,8 @@ class TrainingRun:
             info = json.loads((run_dir / "dataset.json").read_text())
         except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise MalformedArtifact(f"{run_dir}: unreadable config.yaml or dataset.json ({exc})") from None
-        if not isinstance(raw, dict) or not isinstance(info, dict) or not isinstance(info.get("n"), int):
+        if not isinstance(raw, dict) or not isinstance(info, dict) or not isinstance(info.get("n"), int) or \
+                not isinstance(info.get("num_classes", NUM_CLASSES), int):
             raise MalformedArtifact(f"{run_dir}: config.yaml or dataset.json has the wrong structure")
         cfg = config_from_dict(raw)
         steps = read_steps(run_dir / "trajectory" / "steps.parquet", n_points=info["n"])
@@ -116,6 +117,10 @@ class TrainingRun:
             raise RayforgeError(f"{self.run_dir}: the log records no thread count (train.threads), so no replay "
                                 f"can be exact; retrain with train.threads set")
         return self.cfg.train.threads
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.info.get("num_classes", NUM_CLASSES))
 
     def device(self) -> torch.device:
         """Where to compute: in a Ray worker, what Ray assigned (see rayforge.ray_utils); else `train.device`."""
@@ -156,7 +161,7 @@ class TrainingRun:
     def model_from_state(self, tensors: dict[str, torch.Tensor], device: torch.device,
                          where: str = "checkpoint") -> tuple[nn.Module, dict[str, torch.Tensor]]:
         """A model and its momentum buffers restored from a checkpoint's tensors (checked against the model)."""
-        model = new_model(self.cfg, self.info["shape"], device)
+        model = new_model(self.cfg, self.info["shape"], device, self.num_classes)
         velocity = zero_velocity(model)
         check_state(tensors, model, where, need_velocity=bool(self.cfg.train.momentum))
         load_state(tensors, model, velocity if self.cfg.train.momentum else None)

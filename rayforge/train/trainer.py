@@ -59,7 +59,7 @@ def training_log(cfg: Config, ds: Dataset, progress: bool = True) -> Iterator[tu
 
     train_data = TensorData(ds.train, ds.mean, ds.std, device)
     test_data = TensorData(ds.test, ds.mean, ds.std, device)
-    model = new_model(cfg, info["shape"], device)
+    model = new_model(cfg, info["shape"], device, ds.num_classes)
     velocity = zero_velocity(model)
     hyper = hyper_of(cfg)
     kept_velocity = velocity if hyper.momentum else None  # optimizer state exists only with momentum

@@ -71,7 +71,8 @@ def test_synthetic_bad_shape(shape):
 
 
 def test_unknown_dataset_lists_known():
-    with pytest.raises(RayforgeError, match=r"unknown dataset 'svhn' \(known: cifar10, mnist, synthetic\)"):
+    with pytest.raises(RayforgeError,
+                       match=r"unknown dataset 'svhn' \(known: cifar10, imagefolder, mnist, synthetic\)"):
         build_dataset(DataConfig(dataset="svhn"), 0)
 
 

@@ -65,7 +65,8 @@ def test_cache_hit_does_not_decode_again(tmp_path, monkeypatch, mnist_dir):
 
 
 def test_unknown_names(tmp_path):
-    with pytest.raises(RayforgeError, match=r"unknown dataset 'imagenet' \(known: cifar10, mnist, synthetic\)"):
+    with pytest.raises(RayforgeError,
+                       match=r"unknown dataset 'imagenet' \(known: cifar10, imagefolder, mnist, synthetic\)"):
         load_split("imagenet", "train")
     with pytest.raises(RayforgeError, match=r"unknown split 'val'"):
         load_split("mnist", "val")

@@ -13,13 +13,15 @@ PAPER_SHAPES = {
     "vgg_mini": (3, 32, 32),
     "resnet_mini": (3, 32, 32),
     "logreg": (3, 32, 32),
+    "cnn32_3_max": (1, 32, 32),  # LiRA's MNIST shadows
+    "wrn28_2": (3, 32, 32),  # LiRA's CIFAR-10 shadows
 }
 
 
 def test_model_names_sorted_and_complete():
     names = model_names()
     assert names == sorted(names)
-    assert {"lenet5", "vgg_mini", "resnet_mini", "logreg"} <= set(names)
+    assert {"lenet5", "vgg_mini", "resnet_mini", "logreg", "cnn32_3_max", "wrn28_2"} <= set(names)
 
 
 @pytest.mark.parametrize(
@@ -29,6 +31,9 @@ def test_model_names_sorted_and_complete():
         ("vgg_mini", (3, 32, 32), 5_747_210),
         ("resnet_mini", (3, 32, 32), 1_488_906),
         ("logreg", (1, 8, 8), 64 * 10 + 10),
+        ("cnn32_3_max", (3, 32, 32), 605_226),
+        ("cnn32_3_max", (1, 32, 32), 604_650),
+        ("wrn28_2", (3, 32, 32), 1_467_610),
     ],
 )
 def test_exact_param_counts(name, in_shape, expected):
@@ -62,11 +67,40 @@ def test_every_registered_model_outputs_batch_by_classes():
 
 @pytest.mark.parametrize(
     "name,in_shape",
-    [("lenet5", (3, 32, 32)), ("vgg_mini", (1, 16, 24)), ("resnet_mini", (1, 28, 28)), ("logreg", (1, 8, 8))],
+    [("lenet5", (3, 32, 32)), ("vgg_mini", (1, 16, 24)), ("resnet_mini", (1, 28, 28)), ("logreg", (1, 8, 8)),
+     ("cnn32_3_max", (3, 28, 20)), ("wrn28_2", (1, 28, 28))],
 )
 def test_other_input_shapes_and_class_counts(name, in_shape):
     m = build_model(name, in_shape, num_classes=7)
     assert m(torch.randn(2, *in_shape)).shape == (2, 7)
+
+
+def test_shadow_model_counts_from_their_layer_lists():
+    """The LiRA shadows' counts recomputed from objax's layer lists (3x3 convs unless noted)."""
+    widths = [32, 64, 128, 256]
+    conv = lambda cin, cout, k=3, bias=True: cin * cout * k * k + (cout if bias else 0)  # noqa: E731
+    cnn = conv(3, 32) + sum(conv(widths[s], widths[s]) + conv(widths[s], widths[s + 1]) for s in range(3))
+    assert param_count(build_model("cnn32_3_max", (3, 32, 32))) == cnn + conv(256, 10)
+    total, cin = conv(3, 16, bias=False), 16
+    for cout in (32, 64, 128):  # 4 pre-activation blocks per group: BN, conv, BN, conv (+ 1x1 projection)
+        for b in range(4):
+            total += 2 * cin + conv(cin, cout, bias=False) + 2 * cout + conv(cout, cout, bias=False)
+            total += conv(cin, cout, k=1, bias=False) if b == 0 else 0
+            cin = cout
+    assert param_count(build_model("wrn28_2", (3, 32, 32))) == total + 2 * 128 + 128 * 10 + 10
+
+
+def test_wrn_stride_two_pads_like_tensorflow_same():
+    """A stride-2 3x3 'SAME' conv on an even input pads nothing before and one pixel after: the output at (0, 0)
+    sees input rows/columns 0..2, not the zero border."""
+    from rayforge.models.wrn import ConvSame
+
+    conv = ConvSame(1, 1, 3, stride=2)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    out = conv(torch.ones(1, 1, 8, 8))
+    assert out.shape == (1, 1, 4, 4)
+    assert out[0, 0, 0, 0] == 9.0 and out[0, 0, -1, -1] == 4.0
 
 
 def test_lenet5_first_conv_takes_in_channels():
@@ -79,7 +113,8 @@ def test_unknown_model():
 
 
 @pytest.mark.parametrize(
-    "name,in_shape", [("lenet5", (1, 28, 28)), ("vgg_mini", (3, 4, 4)), ("resnet_mini", (3, 2, 2))]
+    "name,in_shape", [("lenet5", (1, 28, 28)), ("vgg_mini", (3, 4, 4)), ("resnet_mini", (3, 2, 2)),
+                      ("cnn32_3_max", (3, 4, 4)), ("wrn28_2", (3, 2, 2))]
 )
 def test_bad_spatial_size(name, in_shape):
     with pytest.raises(RayforgeError, match=name):
