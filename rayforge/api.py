@@ -51,10 +51,19 @@ def _run_config(run_dir, config: Config | None) -> Config:
 def train(config: Config | str | Path | dict, out_dir: str | Path, overrides: Iterable[str] = (),
           progress: bool = True) -> dict:
     """Train per `config` (a Config, a YAML path or a dict) and write the training log into `out_dir`, which must
-    not exist or be empty. Returns the summary: steps, train/test accuracy, wall time, seconds per step."""
+    not exist or be empty. Returns the summary: steps, train/test accuracy, wall time, seconds per step.
+    Inside a Ray job (whose driver sits on the head node) training runs in a Ray task placed where the config says
+    (`rayforge.pipeline.train_stage`); elsewhere in this process."""
+    from rayforge.ray_utils import in_ray_job
+
+    cfg = _config(config, overrides)
+    if in_ray_job():
+        from rayforge.pipeline import train_stage
+
+        return train_stage(cfg, out_dir, progress=progress)
     from rayforge.train.trainer import train as _train
 
-    return _train(_config(config, overrides), out_dir, progress=progress)
+    return _train(cfg, out_dir, progress=progress)
 
 
 def forge(run_dir: str | Path, strategy: str | None = None, kappa: int | None = None, mu: int | None = None,
@@ -82,8 +91,7 @@ def rebuild(run_dir: str | Path, strategy: str | None = None, method: str = "seq
     from rayforge.rebuild.driver import RebuildParams, run_rebuild
 
     cfg = _run_config(run_dir, config)
-    params = RebuildParams(strategy or cfg.forge.strategy, method, groups_per_unit,
-                           max(1, int(cfg.ray.num_cpus_per_actor)))
+    params = RebuildParams(strategy or cfg.forge.strategy, method, groups_per_unit)  # threads: the log's
     return run_rebuild(run_dir, params, actors or cfg.ray.actors, cfg.ray, cfg.wandb, save_models=save_models,
                        progress=progress)
 

@@ -33,6 +33,19 @@ def test_overrides_are_typed(tmp_path):
         load_config(path, ["train.momentum=1.5"])
 
 
+def test_ray_actors_is_auto_or_a_count(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 2\n")
+    assert load_config(path).ray.actors == "auto"
+    assert load_config(path, ["ray.actors=3"]).ray.actors == 3
+    assert load_config(path, ["ray.actors=auto"]).ray.actors == "auto"
+    for bad in ("ray.actors=0", "ray.actors=many", "ray.actors=true", "ray.actors=1.5"):
+        with pytest.raises(RayforgeError, match="ray.actors"):
+            load_config(path, [bad])
+    with pytest.raises(RayforgeError, match="forge.window"):
+        load_config(path, ["forge.window=0"])
+
+
 def test_default_attacks_are_those_that_can_run(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("attack:\n  shadows: 4\n")
