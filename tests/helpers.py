@@ -26,14 +26,14 @@ def tiny_config(**sections):
     return config_from_dict(raw)
 
 
-def forge_in_process(run_dir, kappa=2, mu=3, lam=2, strategy="paper", points=None):
+def forge_in_process(run_dir, kappa=2, mu=3, lam=2, strategy="paper", points=None, parts_per_unit=None):
     """Phase 1 with the plain functions (no Ray), written where `rayforge forge` writes it."""
     from rayforge.forge.engine import ForgeParams, forge_local
     from rayforge.train.run import TrainingRun
 
     run = TrainingRun.open(run_dir)
     params = ForgeParams.from_config(run.cfg, strategy=strategy, kappa=kappa, mu=mu, lam=lam, threads=1, chunk=3,
-                                     points=points)
+                                     points=points, parts_per_unit=parts_per_unit)
     forge_local(run, params)
     return params
 

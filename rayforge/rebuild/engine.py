@@ -22,7 +22,7 @@ from torch import nn
 from rayforge.rebuild.forged_log import ForgedLogs, GroupLog
 from rayforge.rebuild.stacked import NotStackable, WideModel, check, wide_inputs, wide_loss
 from rayforge.train.replay import replay_steps
-from rayforge.train.run import TrainingRun, hyper_of, set_determinism
+from rayforge.train.run import TrainingRun, hyper_of, use_threads
 from rayforge.train.sgd import sgd_update
 
 # The wide model's activation layout, measured on CPU (benchmarks/rebuild_throughput.py): channels-last
@@ -72,23 +72,37 @@ def rebuild_unit(ctx: "RebuildContext", groups: list[int], method: str) -> list[
     return [rebuild_group(ctx, g) for g in groups]
 
 
-class RebuildContext:
-    """What a rebuild worker holds once: the log, the forged table, the training tensors and θ*."""
+def start_checkpoint(checkpoints: list[int], first_step: int) -> int:
+    """Where a group's rebuild starts: the last checkpoint at or before its first forged step."""
+    return max(c for c in checkpoints if c <= first_step)
 
-    def __init__(self, run: TrainingRun, strategy: str, threads: int, device: torch.device | None = None):
-        set_determinism(threads)
-        torch.set_num_threads(threads)
-        self.run, self.threads = run, threads
+
+class RebuildContext:
+    """What a rebuild worker holds once: the log, the forged table, the training tensors and θ*. In a Ray worker
+    the driver sends the forged logs and θ*'s checkpoint (`logs`, `final_state`) and, per unit, the checkpoints
+    its groups start from (`states`); in-process they are read from the run."""
+
+    def __init__(self, run: TrainingRun, strategy: str, threads: int | None = None, device: torch.device | None = None,
+                 logs: ForgedLogs | None = None, final_state: dict | None = None):
+        self.threads = use_threads(threads or run.threads)
+        self.run = run
         self.device = device or run.device()
-        self.logs = ForgedLogs(run, strategy)
+        self.logs = logs or ForgedLogs(run, strategy)
         self.data = run.tensor_data(run.load_dataset(), self.device)
         self.hyper = hyper_of(run.cfg)
-        final, _ = run.model_at(run.total_steps, torch.device("cpu"))
+        final = run.checkpoint(run.total_steps) if final_state is None else final_state
+        final, _ = run.model_from_state(final, torch.device("cpu"), "the final checkpoint")
         self.theta_star = {k: v.detach().clone() for k, v in final.named_parameters()}
+        self.states: dict[int, dict] = {}  # checkpoint tensors sent with the current unit
 
     def start_of(self, glog: GroupLog) -> int:
-        first = glog.first_step if glog.forged else self.run.total_steps
-        return max(c for c in self.run.checkpoints if c <= first)
+        return start_checkpoint(self.run.checkpoints, glog.first_step if glog.forged else self.run.total_steps)
+
+    def model_at(self, step: int):
+        """θ (model and momentum) at checkpoint `step`: as sent by the driver, else read from the run."""
+        if step in self.states:
+            return self.run.model_from_state(self.states[step], self.device, f"checkpoint {step}")
+        return self.run.model_at(step, self.device)
 
     def row(self, glog: GroupLog, model: nn.Module) -> dict:
         return {"group": glog.group, "members": glog.members.astype(np.int32),
@@ -100,7 +114,7 @@ def rebuild_group(ctx: RebuildContext, group: int) -> RebuildResult:
     """Sequential rebuild of one group's forged model."""
     glog = ctx.logs.group_log(group)
     start = ctx.start_of(glog)
-    model, velocity = ctx.run.model_at(start, ctx.device)
+    model, velocity = ctx.model_at(start)
     replay_steps(model, velocity, ctx.data, glog.steps(ctx.run.steps), start, ctx.run.total_steps, ctx.hyper)
     return RebuildResult(ctx.row(glog, model), model, ctx.run.total_steps - start)
 
@@ -110,7 +124,7 @@ def rebuild_groups_batched(ctx: RebuildContext, groups: list[int]) -> list[Rebui
     cannot be stacked."""
     glogs = [ctx.logs.group_log(g) for g in groups]
     start = min(ctx.start_of(g) for g in glogs)
-    template, velocity0 = ctx.run.model_at(start, ctx.device)
+    template, velocity0 = ctx.model_at(start)
     logs = [g.steps(ctx.run.steps) for g in glogs]
     k = len(groups)
 
