@@ -53,10 +53,19 @@ def _run_config(run_dir, config: Config | None) -> Config:
 def train(config: Config | str | Path | dict, out_dir: str | Path, overrides: Iterable[str] = (),
           progress: bool = True) -> dict:
     """Train per `config` (a Config, a YAML path or a dict) and write the training log into `out_dir`, which must
-    not exist or be empty. Returns the summary: steps, train/test accuracy, wall time, seconds per step."""
+    not exist or be empty. Returns the summary: steps, train/test accuracy, wall time, seconds per step.
+    Inside a Ray job (whose driver sits on the head node) training runs in a Ray task placed where the config says
+    (`rayforge.pipeline.train_stage`); elsewhere in this process."""
+    from rayforge.ray_utils import in_ray_job
+
+    cfg = _config(config, overrides)
+    if in_ray_job():
+        from rayforge.pipeline import train_stage
+
+        return train_stage(cfg, out_dir, progress=progress)
     from rayforge.train.trainer import train as _train
 
-    return _train(_config(config, overrides), out_dir, progress=progress)
+    return _train(cfg, out_dir, progress=progress)
 
 
 def forge(run_dir: str | Path, strategy: str | None = None, kappa: int | None = None, mu: int | None = None,
@@ -75,17 +84,18 @@ def forge(run_dir: str | Path, strategy: str | None = None, kappa: int | None = 
     return run_forge(run_dir, params, actors or cfg.ray.actors, cfg.ray, cfg.wandb, progress=progress)
 
 
-def rebuild(run_dir: str | Path, strategy: str | None = None, method: str = "sequential",
+def rebuild(run_dir: str | Path, strategy: str | None = None, method: str = "auto",
             actors: int | None = None, groups_per_unit: int = 4, save_models: int = 0,
             progress: bool = True, config: Config | None = None) -> dict | None:
     """Phase 2 on Ray: replay every group's forged log and write d_θ = ‖θ* − θ'‖²/dim per group to
-    RUN/rebuild/<strategy>/distances.parquet (`method` "batched" stacks models with torch.func). Returns the
-    summary (d_θ median and 90th percentile)."""
+    RUN/rebuild/<strategy>/distances.parquet (`method`: "sequential" replays one model at a time, bit-exact with
+    verify; "batched" replays several as one wide model; "auto" picks the device's measured default, see
+    rayforge.rebuild.engine.DEFAULT_METHOD). Returns the summary (d_θ median and 90th percentile, the method run and
+    models_steps_per_s)."""
     from rayforge.rebuild.driver import RebuildParams, run_rebuild
 
     cfg = _run_config(run_dir, config)
-    params = RebuildParams(strategy or cfg.forge.strategy, method, groups_per_unit,
-                           max(1, int(cfg.ray.num_cpus_per_actor)))
+    params = RebuildParams(strategy or cfg.forge.strategy, method, groups_per_unit)  # threads: the log's
     return run_rebuild(run_dir, params, actors or cfg.ray.actors, cfg.ray, cfg.wandb, save_models=save_models,
                        progress=progress)
 
@@ -100,10 +110,10 @@ def attack(run_dir: str | Path, strategy: str | None = None, points: int | None 
     return attack_stage(run_dir, cfg, strategy or cfg.forge.strategy, points, actors or cfg.ray.actors, save_models)
 
 
-def report(run_dir: str | Path, strategy: str = "paper", config: Config | None = None) -> dict:
+def report(run_dir: str | Path, strategy: str | None = None, config: Config | None = None) -> dict:
     """RUN/report/: metrics.json, the paper's Tables I-IV (tables.md) and figures, from the attack stage's output
-    (and the audit's line and figure when `audit` ran); W&B per the run's (or `config`'s) wandb section. Returns
-    the metrics."""
+    of every attacked strategy, `strategy` (default: the config's) the main one (and the audit's line and figure
+    when `audit` ran); W&B per the run's (or `config`'s) wandb section. Returns the metrics."""
     from rayforge.report.render import write_report
 
     return write_report(run_dir, strategy, None if config is None else config.wandb)

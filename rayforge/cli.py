@@ -40,6 +40,21 @@ def _fail(message: str, code: int):
     sys.exit(code)
 
 
+def _run_path(ctx, param, value):
+    """Run paths are absolute from here on (see rayforge.ray_utils.resolve_run_path: inside a Ray job a relative
+    path would land in Ray's temporary working directory)."""
+    if value is None:
+        return None
+    from rayforge.ray_utils import resolve_run_path
+
+    return str(resolve_run_path(value))
+
+
+run_dir_arg = click.argument("run_dir", type=click.Path(file_okay=False), callback=_run_path)
+out_option = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), callback=_run_path,
+                          help="Run directory to create.")
+
+
 # ---------------------------------------------------------------------------------------------- option types
 
 class FiniteFloat(click.FloatRange):
@@ -118,7 +133,7 @@ def models():
 
 @main.command(name="train")
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
+@out_option
 @set_option
 def train_cmd(config, out_dir, overrides):
     """Train per CONFIG and write the training log to --out."""
@@ -130,7 +145,7 @@ def train_cmd(config, out_dir, overrides):
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@run_dir_arg
 @click.option("--from", "start", type=NON_NEGATIVE, required=True, help="Checkpoint step to start from.")
 @click.option("--to", "stop", type=NON_NEGATIVE, required=True, help="Checkpoint step to reproduce.")
 @click.option("--threads", type=POSITIVE, default=None, help="torch threads (default: the run's).")
@@ -145,7 +160,7 @@ def replay(run_dir, start, stop, threads):
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@run_dir_arg
 @click.option("--strategy", default=None, help="Forging strategy (default: the config's, 'paper').")
 @click.option("--kappa", type=POSITIVE, default=None, help="Number of parts κ per step (default: the config's).")
 @click.option("--mu", type=POSITIVE, default=None, help="Candidate minibatches μ per (step, part).")
@@ -169,11 +184,12 @@ def forge(run_dir, strategy, kappa, mu, lam, dsub_size, points, actors, override
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@run_dir_arg
 @click.option("--strategy", default=None, help="Phase-1 output to rebuild from (default: the config's).")
 @actors_option
-@click.option("--method", type=click.Choice(["sequential", "batched"]), default="sequential",
-              help="One model at a time (bit-exact with verify), or several stacked with torch.func.")
+@click.option("--method", type=click.Choice(["auto", "sequential", "batched"]), default="auto",
+              help="One model at a time (bit-exact with verify), several as one wide model, or the device's "
+                   "measured default (auto).")
 @click.option("--groups-per-unit", type=POSITIVE, default=4, help="Groups per unit of work.")
 @click.option("--save-models", type=NON_NEGATIVE, default=0, help="Keep the forged models of the first K groups.")
 @set_option
@@ -189,7 +205,7 @@ def rebuild(run_dir, strategy, actors, method, groups_per_unit, save_models, ove
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@run_dir_arg
 @click.option("--strategy", default=None, help="Phase-1 output to evaluate (default: the config's).")
 @click.option("--points", type=POSITIVE, default=None,
               help="Sampling approximation: forge (if not yet done) for N sampled points only.")
@@ -207,17 +223,21 @@ def attack(run_dir, strategy, points, actors, save_models, overrides):
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--strategy", default="paper", help="Strategy whose attack-stage output to report.")
+@run_dir_arg
+@click.option("--strategy", default=None,
+              help="Main strategy (default: the config's); every attacked strategy of the run is reported beside it.")
 @set_option
 def report(run_dir, strategy, overrides):
-    """metrics.json, Tables I-IV (tables.md) and figures under RUN/report/."""
+    """metrics.json, Tables I-IV (tables.md) and figures under RUN/report/, for every attacked strategy."""
     import rayforge as rf
 
     cfg = run_config(run_dir, overrides, ("wandb.",))
     metrics = rf.report(run_dir, strategy, config=cfg)
-    summary = ", ".join(f"{a} c_diff={m['c_diff']:.2f}%" for a, m in metrics["attacks"].items())
-    click.echo(f"report -> {run_dir}/report: {summary}; d_theta median {metrics['d_theta']['median']:.3g}")
+    for name, m in metrics["strategies"].items():
+        summary = ", ".join(f"{a} c_diff={v['c_diff']:.2f}%" for a, v in m["attacks"].items())
+        click.echo(f"{name}: {summary}; valid PoRs {m['valid_por_percent']['all']:.2f}% (all attacks); "
+                   f"d_theta mean {m['d_theta']['mean']:.3g}")
+    click.echo(f"report -> {run_dir}/report")
 
 
 KIND_OPTIONS = {  # the options each kind of PoR takes (besides RUN and --out)
@@ -246,7 +266,7 @@ def por_kind(given: dict) -> str:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@run_dir_arg
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="PoR directory to create.")
 @click.option("--point", type=NON_NEGATIVE, default=None,
               help="Exclude PoR (the claim 'x* was in D'): index of the challenged training point.")
@@ -328,7 +348,7 @@ def verify(por_dir, data_root, model_path, selection, tol, tol_rel, seed, thread
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@run_dir_arg
 @click.option("--strategy", default=None, help="Whose phase-1/2 and attack outputs to use (default: the config's).")
 @click.option("--pool", type=POSITIVE, default=None, help="Substitutes drawn per step (default 128).")
 @click.option("--neighbours", type=NON_NEGATIVE, default=None,
@@ -351,7 +371,7 @@ def audit(run_dir, strategy, pool, neighbours, epochs, points, actors, overrides
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
+@out_option
 @set_option
 def run(config, out_dir, overrides):
     """The main job on Ray: every pipeline stage for CONFIG, into --out."""

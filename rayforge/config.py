@@ -10,7 +10,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -58,6 +58,12 @@ class ForgeConfig:
     points: Optional[int] = None  # sampling approximation: only the groups of this many sampled points
     grad_method: str = "auto"  # candidate gradients: auto | hooks (no BatchNorm; fastest) | vmap (torch.func)
     pool_size: int = 256  # swap/hybrid strategies: substitutes drawn per step
+    pool_target: float = 0.0  # swap/hybrid: parts whose grad_error/grad_norm stays above this get more pool ...
+    pool_rounds: int = 0  # ... at most this many times (another pool_size each); 0: a fixed pool
+    # Units of work on Ray: (step window, parts). window: steps per unit (null: the log cut into about 64 windows,
+    # never across a checkpoint); parts_per_unit: parts forged together (null: all κ, which share their samples).
+    window: Optional[int] = None
+    parts_per_unit: Optional[int] = None
 
 
 ATTACK_NAMES = ("lira", "enhanced", "enhanced_ref", "mentr", "xent", "mida")
@@ -86,10 +92,12 @@ class AttackConfig:
 
 @dataclass
 class RayConfig:
-    actors: int = 2
+    # "auto": as many actors as the cluster's GPUs allow (its CPUs when no GPU is asked for), up to the work
+    actors: Union[int, str] = "auto"
     num_cpus_per_actor: float = 1.0
-    num_gpus_per_actor: float = 0.0  # 1 on a GPU cluster
-    address: Optional[str] = None  # None: start or join local Ray
+    num_gpus_per_actor: float = 0.0  # 1 on a GPU cluster: always requested, so an autoscaler adds GPU nodes
+    address: Optional[str] = None  # a cluster to join (or $RAY_ADDRESS); None: a private local Ray
+    units_in_flight: int = 2  # units queued per actor (backpressure: the driver hands out work as units land)
 
 
 @dataclass
@@ -127,7 +135,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], where)
+        for candidate in inner:  # the first type that accepts the value
+            try:
+                return _coerce(value, candidate, where)
+            except RayforgeError:
+                pass
+        names = " or ".join(getattr(t, "__name__", str(t)) for t in inner)
+        raise RayforgeError(f"config: '{where}' must be {names}, got {value!r}")
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise RayforgeError(f"config: '{where}' must be a mapping, got {value!r}")
@@ -224,10 +240,17 @@ def validate(cfg: Config) -> None:
         (cfg.forge.lam >= 1, "forge.lam must be >= 1"),
         (cfg.forge.chunk >= 1, "forge.chunk must be >= 1"),
         (cfg.forge.pool_size >= 1, "forge.pool_size must be >= 1"),
+        (cfg.forge.pool_target >= 0 and cfg.forge.pool_rounds >= 0, "forge.pool_target and pool_rounds must be >= 0"),
         (cfg.forge.points is None or cfg.forge.points >= 1, "forge.points must be >= 1"),
         (cfg.forge.dsub_size is None or cfg.forge.dsub_size >= 1, "forge.dsub_size must be >= 1"),
         (cfg.forge.grad_method in ("auto", "hooks", "vmap"), "forge.grad_method must be auto, hooks or vmap"),
-        (cfg.ray.actors >= 1, "ray.actors must be >= 1"),
+        (cfg.ray.actors == "auto" or (isinstance(cfg.ray.actors, int) and cfg.ray.actors >= 1),
+         "ray.actors must be 'auto' or an integer >= 1"),
+        (cfg.ray.num_cpus_per_actor >= 0 and cfg.ray.num_gpus_per_actor >= 0,
+         "ray.num_cpus_per_actor and ray.num_gpus_per_actor must be >= 0"),
+        (cfg.ray.units_in_flight >= 1, "ray.units_in_flight must be >= 1"),
+        (cfg.forge.window is None or cfg.forge.window >= 1, "forge.window must be >= 1"),
+        (cfg.forge.parts_per_unit is None or cfg.forge.parts_per_unit >= 1, "forge.parts_per_unit must be >= 1"),
         (cfg.wandb.mode in (None, "online", "offline", "disabled"), "wandb.mode must be online, offline or disabled"),
         *attack_checks(cfg),
     ]

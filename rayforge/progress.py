@@ -4,20 +4,13 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-
-def _in_ray_worker() -> bool:
-    try:
-        import ray
-
-        return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
-    except Exception:  # ray missing or not started: a plain process
-        return False
+from rayforge.ray_utils import in_ray_worker
 
 
 def progress_bar(iterable=None, *, desc: str, total: int | None = None, unit: str = "it", disable: bool = False):
     if disable:
         return tqdm(iterable, total=total, disable=True)
-    if _in_ray_worker():
+    if in_ray_worker():
         from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 
         return ray_tqdm(iterable, desc=desc, total=total)

@@ -26,25 +26,15 @@ def tiny_config(**sections):
     return config_from_dict(raw)
 
 
-def forge_in_process(run_dir, kappa=2, mu=3, lam=2, strategy="paper", points=None):
+def forge_in_process(run_dir, kappa=2, mu=3, lam=2, strategy="paper", points=None, parts_per_unit=None):
     """Phase 1 with the plain functions (no Ray), written where `rayforge forge` writes it."""
-    import pyarrow as pa
-
-    from rayforge.forge.engine import (ForgeContext, ForgeParams, forge_dir, forge_unit, plan_units,
-                                       prepare_output, unit_table)
-    from rayforge.io import write_parquet
+    from rayforge.forge.engine import ForgeParams, forge_local
     from rayforge.train.run import TrainingRun
 
     run = TrainingRun.open(run_dir)
     params = ForgeParams.from_config(run.cfg, strategy=strategy, kappa=kappa, mu=mu, lam=lam, threads=1, chunk=3,
-                                     points=points)
-    ctx = ForgeContext(run, params)
-    tables = [unit_table(forge_unit(ctx, a, b, parts)["columns"])
-              for a, b, parts in plan_units(run.checkpoints, kappa, ctx.needed)]
-    out = forge_dir(run_dir, strategy)
-    prepare_output(out, params)
-    table = pa.concat_tables(tables).sort_by([("step", "ascending"), ("part", "ascending")])
-    write_parquet(out / "forged.parquet", table)
+                                     points=points, parts_per_unit=parts_per_unit)
+    forge_local(run, params)
     return params
 
 

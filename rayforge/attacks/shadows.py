@@ -150,6 +150,11 @@ class ShadowSet:
         self.ensure((query,))
         return self._logits[query]
 
+    def cached_logits(self) -> dict[str, np.ndarray]:
+        """Every view's logits computed so far, keyed by `Query.key` (what `ShadowSet(..., logits)` takes back via
+        `Query.from_key`)."""
+        return {q.key: arr for q, arr in self._logits.items()}
+
     def without(self, k: int) -> "ShadowSet":
         """The other K-1 shadows (sharing states and cached logits): the shadow set of the exchangeable control,
         where shadow k plays the target."""

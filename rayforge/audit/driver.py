@@ -22,13 +22,15 @@ from rayforge.config import RayConfig, WandbConfig
 from rayforge.errors import RayforgeError
 from rayforge.forge.engine import prepare_output
 from rayforge.io import atomic_write_json, read_table_if_valid, write_parquet
-from rayforge.stage import run_units
+from rayforge.stage import StageWorker, Unit, run_units
 from rayforge.tracking import MetricLogger
 from rayforge.train.run import TrainingRun
 
 
-class SubstitutionWorker:
-    """An audit actor (wrapped with ray.remote by the driver): opens the run once, then computes segments."""
+class SubstitutionWorker(StageWorker):
+    """An audit actor (wrapped with ray.remote by the driver): opens the run once, then computes segments.
+    Unlike the forge/rebuild/attack stages' workers it reads the run directory itself (checkpoints), so on a
+    cluster `rayforge audit` needs the run directory on a filesystem its workers share."""
 
     def __init__(self, run_dir: str, params: dict):
         self.ctx = SubstitutionContext(TrainingRun.open(run_dir), SubstitutionParams(**params))
@@ -53,17 +55,17 @@ def substitution_rows(run: TrainingRun, params: SubstitutionParams, actors: int,
     prepare_output(out, params, "audit with the same --pool, --epochs and --points")
     ctx = None if use_ray else SubstitutionContext(run, params)
     units = [(a, b) for a, b in zip(run.checkpoints, run.checkpoints[1:])]
-    todo = [u for u in units if read_table_if_valid(_unit_path(out, u[0]), ROWS_SCHEMA) is None]
+    todo = [Unit(u, "rows", u) for u in units if read_table_if_valid(_unit_path(out, u[0]), ROWS_SCHEMA) is None]
 
     def save(unit, table) -> None:
         write_parquet(_unit_path(out, unit[0]), table)
 
     if use_ray:
-        run_units(todo, SubstitutionWorker, (str(run.run_dir), params.to_json()), "rows", ray_cfg, actors, save,
-                  "audit", len(units), progress)
+        run_units(todo, SubstitutionWorker, (str(run.run_dir), params.to_json()), ray_cfg, actors, save, "audit",
+                  len(units), progress)
     else:
         for unit in todo:
-            save(unit, substitution_unit(ctx, *unit))
+            save(unit.key, substitution_unit(ctx, *unit.key))
     tables = [read_table_if_valid(_unit_path(out, a), ROWS_SCHEMA) for a, _ in units]
     if any(t is None for t in tables):
         raise RayforgeError(f"{out}: some segments are missing; rerun `rayforge audit` to finish them")

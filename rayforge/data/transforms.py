@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -10,7 +11,9 @@ import torch
 
 def to_float(images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (N, C, H, W) -> contiguous float32 ((x / 255 - mean) / std), on the input's device."""
-    x = torch.as_tensor(images)
+    with warnings.catch_warnings():  # read-only arrays (shipped through Ray's object store) are only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        x = torch.as_tensor(images)
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != len(mean) or len(mean) != len(std):
         raise ValueError(f"to_float expects uint8 (N, {len(mean)}, H, W), got {x.dtype} {tuple(x.shape)}")
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)

@@ -68,8 +68,9 @@ def best_of_candidates(grads, params: dict[str, torch.Tensor], data, target: tor
 
 
 def forge_parts(ctx, params: dict[str, torch.Tensor], step: int, parts: list[int], target: torch.Tensor,
-                point_parts: np.ndarray) -> list[ForgedBatch]:
-    """Strategy `paper` at one step: for each part k, the best of μ random candidates from D \\ D_k."""
+                point_parts: np.ndarray, records=None) -> list[ForgedBatch]:
+    """Strategy `paper` at one step: for each part k, the best of μ random candidates from D \\ D_k (`records`,
+    the training step's per-sample factors, are not used)."""
     b = len(ctx.steps.batch[step])
     drawn = [draw_candidates(candidate_rng(ctx.seed, step, k), ctx.allowed_points(point_parts, k), ctx.params.mu,
                              b, ctx.flip, ctx.params.dsub_size) for k in parts]

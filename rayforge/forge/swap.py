@@ -2,15 +2,22 @@
 
 For part k at step t the forged batch starts as B_t with its flips; the members of B_t in D_k (the "removed", R)
 must go. With per-sample gradients g_i (the batch gradient is their mean), the gradient error of swapping R for
-picks S is ‖Σ_S g_j − Σ_R g_i‖ / b, so we greedily pick, from a seeded pool of allowed points (and, when training
-used flips, both orientations of each), the one that best reduces the residual r = Σ_R g_i − Σ_picks g_j:
+picks S is ‖Σ_S g_j − Σ_R g_i‖ / b. From a seeded pool of allowed points (and, when training used flips, both
+orientations of each) we pick greedily, then improve the picks by exchanges, all on the Gram matrix of the
+per-sample gradients (r = Σ_R g_i − Σ_picks g_j):
 
-    repeat |R| times:  j* = argmin_j ‖r − g_j‖²  over unused pool entries;  r ← r − g_j*
+    greedy    repeat |R| times:  j* = argmin_j ‖r − g_j‖²  over unused pool entries;  r ← r − g_j*
+    exchange  while some (pick i, unused entry j) gives ‖r + g_i − g_j‖² < ‖r‖²: swap the best such pair
 
-The pool is drawn once per step (shared by all parts: one per-sample gradient pass) and filtered per part to
-D \\ D_k minus the batch. `grad_error` is then recomputed exactly as a batch gradient. For BatchNorm models the
-per-sample gradients (taken in eval mode) do not add up to the batch gradient, so `SHORTLIST` greedy variants
-(different first picks) are re-ranked by their exact batch gradients.
+The pool is drawn once per step and shared by all parts (one per-sample pass and one Gram matrix per step),
+filtered per part to D \\ D_k minus the batch.
+
+Models without BatchNorm (the hook path, `rayforge.forge.fastgrad`): the batch's per-sample factors come from the
+original training step itself (`GroupedGradients.training_step`, the same gradient bits), the pool's from one
+forward+backward, the Gram matrix by ghost products (per-sample gradients of large layers are never formed), and
+`grad_error` is exact from the per-sample sums: ‖Σ_S g_j − Σ_R g_i‖/b is the batch-gradient difference (no second
+batch-gradient pass). BatchNorm models: per-sample gradients (taken in eval mode) do not add up to the batch
+gradient, so `SHORTLIST` greedy variants (different first picks) are re-ranked by their exact batch gradients.
 
 `hybrid` takes, per part, the better of the paper's μ candidates and the swap batch.
 """
@@ -31,7 +38,10 @@ from rayforge.forge.algorithm2 import ForgedBatch
 from rayforge.forge.fastgrad import hooks_supported, per_sample_gradients
 
 POOL_STREAM = 0x5A4B
+MORE_STREAM = 0x5A4C
 SHORTLIST = 4  # greedy variants re-ranked exactly, BatchNorm models only
+EXCHANGE_ROUNDS = 2  # exchanges allowed per removed point (each takes the single best exchange)
+EXCHANGE_KEPT = True  # exchanges may also trade kept batch points
 
 
 def per_sample(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -51,34 +61,104 @@ def per_sample(model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch
     return torch.cat([v.reshape(len(y), -1) for v in g.values()], dim=1)
 
 
-def greedy_picks(pool_grads: torch.Tensor, pool_points: np.ndarray, residual: torch.Tensor, count: int,
-                 first: int | None = None, gram: torch.Tensor | None = None) -> list[int]:
-    """Rows of the pool chosen greedily to cancel `residual`; a point is used once (either orientation).
-    `first` forces the first pick (shortlist variants); `gram` (pool_grads @ pool_gradsᵀ, shared by the parts of a
-    step) saves a matrix-vector product per pick."""
-    norms = gram.diagonal().clone() if gram is not None else (pool_grads * pool_grads).sum(1)
-    dots = pool_grads @ residual
-    available = torch.ones(len(pool_points), dtype=torch.bool)
-    r_sq = float(residual @ residual)
+# ------------------------------------------------------------------------------------------ matching on a Gram
+
+def greedy_picks(gram: np.ndarray, dots: np.ndarray, r_sq: float, points: np.ndarray, count: int,
+                 first: int | None = None) -> tuple[list[int], float]:
+    """Rows of the pool chosen greedily to cancel a residual r, from the pool's Gram matrix `gram` (P, P),
+    `dots` = g_j·r (P,) and r_sq = ‖r‖² (float64 NumPy: small arrays, many steps); a point is used once (either
+    orientation). `first` forces the first pick (shortlist variants). Returns the picks and ‖r − Σ picks‖²."""
+    norms = np.diagonal(gram)
+    cost = norms - 2 * dots  # ‖r − g_j‖² − ‖r‖²
     picks = []
-    for i in range(min(count, len(np.unique(pool_points)))):
-        # ‖r − g_j‖² = ‖r‖² − 2 r·g_j + ‖g_j‖²
-        cost = torch.where(available, r_sq - 2 * dots + norms, torch.full_like(norms, float("inf")))
-        j = first if (i == 0 and first is not None) else int(torch.argmin(cost))
+    for i in range(min(count, len(np.unique(points)))):
+        j = first if (i == 0 and first is not None) else int(np.argmin(cost))
         picks.append(j)
-        g = None if gram is not None else pool_grads[j]
-        r_sq = r_sq - 2 * float(dots[j]) + float(norms[j])
-        dots -= gram[:, j] if gram is not None else pool_grads @ g
-        available &= torch.as_tensor(pool_points != pool_points[j])
+        r_sq += float(cost[j])
+        cost = cost + 2 * gram[:, j]  # r ← r − g_j
+        cost[points == points[j]] = np.inf
+    return picks, r_sq
+
+
+def exchange_picks(gram: np.ndarray, dots: np.ndarray, r_sq: float, points: np.ndarray, picks: list[int],
+                   rounds: int) -> tuple[list[int], float]:
+    """Local search after the greedy: repeatedly swap the (pick i, unused entry j) pair that most reduces
+    ‖r + g_i − g_j‖² = ‖r‖² + ‖g_i‖² + ‖g_j‖² − 2 g_i·g_j + 2 r·g_i − 2 r·g_j (r the residual after the picks;
+    `dots` and `r_sq` here are those of the ORIGINAL residual, as for `greedy_picks`). At most `rounds` swaps;
+    returns the picks and ‖r − Σ picks‖²."""
+    picks = list(picks)
+    if not picks:
+        return picks, r_sq
+    norms = np.diagonal(gram)
+    sel = np.asarray(picks)
+    r_sq = r_sq - 2 * float(dots[sel].sum()) + float(gram[np.ix_(sel, sel)].sum())
+    dots = dots - gram[:, sel].sum(1)  # g·(r − Σ picks)
+    ids, pid = np.unique(points, return_inverse=True)
+    twins = len(ids) < len(points)  # a point in both orientations: a pick may trade for its own mirror image
+    used = np.zeros(len(ids), bool)
+    used[pid[sel]] = True
+    rows = gram[sel]  # g_i·g_j for every pick i, kept up to date row by row
+    for _ in range(rounds):
+        left = norms[sel] + 2 * dots[sel]  # ‖g_i‖² + 2 r·g_i
+        right = norms - 2 * dots  # ‖g_j‖² − 2 r·g_j
+        cost = rows * -2.0
+        cost += left[:, None]
+        cost += np.where(used[pid], np.inf, right)[None, :]
+        if twins:
+            mirror = (pid[None, :] == pid[sel][:, None]) & (np.arange(len(points))[None, :] != sel[:, None])
+            cost[mirror] = (left[:, None] + right[None, :] - 2 * rows)[mirror]
+        i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
+        gain = float(cost[i, j])
+        if not gain < -1e-12 * max(r_sq, 1e-300):  # no exchange improves (beyond rounding): a local optimum
+            break
+        r_sq += gain
+        dots += gram[:, sel[i]] - gram[:, j]
+        used[pid[sel[i]]], used[pid[j]] = False, True
+        sel[i], rows[i] = j, gram[j]
+    picks = [int(j) for j in sel]
+    return picks, r_sq
+
+
+def match(gram: np.ndarray, removed: np.ndarray, kept: np.ndarray, cand: np.ndarray, points: np.ndarray,
+          first: int | None = None) -> np.ndarray:
+    """The sample rows of the forged batch. `gram` (N, N) is over all sample rows (the batch's, then the pool's),
+    `points` the point of every row; `removed`/`kept` split the batch's rows, `cand` are the allowed pool rows.
+    Greedy picks among `cand` replace `removed`; then exchanges swap any member, kept or picked, for an unused
+    candidate (a kept point may leave for a better fit), at most EXCHANGE_ROUNDS per removed point."""
+    pool_gram, dots, r_sq = gram[np.ix_(cand, cand)], gram[np.ix_(cand, removed)].sum(1), \
+        float(gram[np.ix_(removed, removed)].sum())
+    picks, _ = greedy_picks(pool_gram, dots, r_sq, points[cand], len(removed), first)
+    if not EXCHANGE_KEPT:
+        picks, _ = exchange_picks(pool_gram, dots, r_sq, points[cand], picks, EXCHANGE_ROUNDS * len(removed))
+        return np.concatenate([kept, cand[picks]])
+    entries, batch_rows = np.concatenate([kept, cand]), np.concatenate([kept, removed])
+    members = list(range(len(kept))) + [len(kept) + p for p in picks]
+    members, _ = exchange_picks(gram[np.ix_(entries, entries)], gram[np.ix_(entries, batch_rows)].sum(1),
+                                float(gram[np.ix_(batch_rows, batch_rows)].sum()), points[entries], members,
+                                EXCHANGE_ROUNDS * len(removed))
+    return entries[members]
+
+
+def forged_batch(batch: np.ndarray, flips: np.ndarray, rows: np.ndarray, points: np.ndarray,
+                 row_flips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The batch whose members are `rows`: batch rows still in it keep their slots, new rows fill the freed slots
+    in order."""
+    staying = np.isin(np.arange(len(batch)), rows)
+    new_rows = rows[rows >= len(batch)]
+    new_batch, new_flips = batch.copy(), flips.copy()
+    slots = np.flatnonzero(~staying)
+    new_batch[slots], new_flips[slots] = points[new_rows], row_flips[new_rows]
+    return new_batch, new_flips
+
+
+def greedy_rows(grads: torch.Tensor, points: np.ndarray, residual: torch.Tensor, count: int) -> list[int]:
+    """`greedy_picks` on materialised per-sample gradients (the rows of `grads`) against `residual` (float64)."""
+    g, r = grads.detach().double(), residual.detach().double()
+    picks, _ = greedy_picks((g @ g.T).cpu().numpy(), (g @ r).cpu().numpy(), float(r @ r), np.asarray(points), count)
     return picks
 
 
-def both_orientations(points: np.ndarray, flip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, flip flags) of a pool: each point once, or, when training used flips, plain then mirrored."""
-    if not flip:
-        return points, np.zeros(len(points), bool)
-    return np.concatenate([points, points]), np.concatenate([np.zeros(len(points), bool), np.ones(len(points), bool)])
-
+# ------------------------------------------------------------------------------------------------- the pool
 
 def draw_pool(ctx, step: int) -> np.ndarray:
     """The step's pool of candidate substitutes, shared by all parts (seeded by (seed, step))."""
@@ -87,80 +167,165 @@ def draw_pool(ctx, step: int) -> np.ndarray:
     return np.sort(rng.choice(len(ctx.data), size=size, replace=False))
 
 
-def swap_batch(ctx, model, params, target: torch.Tensor, batch: np.ndarray, flips: np.ndarray,
-               remove: np.ndarray, pool: np.ndarray, pool_flips: np.ndarray, pool_grads: torch.Tensor,
-               removed_grads: torch.Tensor, gram: torch.Tensor | None = None) -> ForgedBatch:
-    """Replace batch[remove] by greedy picks from the pool; exact grad_error of the result."""
-    if not remove.any():
-        return ForgedBatch(batch.astype(np.int32), flips.copy(), 0.0, 0)  # nothing of D_k in B_t: B_t itself
-    count = int(remove.sum())
-    if len(np.unique(pool)) < count:
-        raise RayforgeError(f"swap: D \\ D_k has fewer than the {count} points needed to replace B_t ∩ D_k")
-    residual = removed_grads.sum(0)
-    starts = [None]
-    if not hooks_supported(model) and len(pool) > 1:  # BatchNorm: a short list of variants, re-ranked exactly
-        first_cost = (pool_grads * pool_grads).sum(1) - 2 * (pool_grads @ residual)
-        starts = [int(j) for j in torch.argsort(first_cost)[:SHORTLIST]]
-    variants = []
-    for first in starts:
-        picks = greedy_picks(pool_grads, pool, residual, count, first, gram)
-        new_batch, new_flips = batch.copy(), flips.copy()
-        slots = np.flatnonzero(remove)[:len(picks)]
-        new_batch[slots], new_flips[slots] = pool[picks], pool_flips[picks]
-        variants.append((new_batch, new_flips))
-    idx = np.stack([v[0] for v in variants]).astype(np.int64)
-    fl = np.stack([v[1] for v in variants])
-    dist = ctx.grads.distances(params, ctx.data, idx, fl, target)
-    best = int(torch.argmin(dist))
-    return ForgedBatch(idx[best].astype(np.int32), fl[best].copy(), float(dist[best]), len(variants))
+def with_flips(points: np.ndarray, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Pool entries: each point, and with flips also its mirror image."""
+    if not flip:
+        return points, np.zeros(len(points), bool)
+    return np.concatenate([points, points]), np.concatenate([np.zeros(len(points), bool), np.ones(len(points), bool)])
 
+
+def top_up(ctx, step: int, part: int, allowed: np.ndarray, taken: np.ndarray, short: int):
+    """A small pool left too few allowed points: extra entries from D \\ D_k, seeded per (step, part)."""
+    spare = np.setdiff1d(allowed, taken)
+    extra = np.sort(np.random.default_rng([ctx.seed, POOL_STREAM, step, part]).choice(
+        spare, size=min(short, len(spare)), replace=False))
+    return with_flips(extra, ctx.flip)
+
+
+def draw_more(ctx, step: int, round_: int, taken: np.ndarray) -> np.ndarray:
+    """Another `pool_size` substitutes for the step (adaptive pool), none already taken, seeded per (step, round)."""
+    rng = np.random.default_rng([ctx.seed, MORE_STREAM, step, round_])
+    spare = np.setdiff1d(np.arange(len(ctx.data)), taken)
+    return np.sort(rng.choice(spare, size=min(ctx.params.pool_size, len(spare)), replace=False))
+
+
+# ----------------------------------------------------------------------------------------------- the strategy
 
 def forge_parts(ctx, params: dict[str, torch.Tensor], step: int, parts: list[int], target: torch.Tensor,
-                point_parts: np.ndarray) -> list[ForgedBatch]:
-    """Strategy `swap` at one step, every part in `parts`."""
-    model = ctx.swap_model
+                point_parts: np.ndarray, records=None) -> list[ForgedBatch]:
+    """Strategy `swap` at one step, every part in `parts`. `records`: the original step's per-sample factors
+    (hook path), else None (BatchNorm models). On the hook path the pool adapts to the residual: parts whose
+    grad_error is still above `pool_target`·‖grad‖ get another pool of `pool_size` entries, `pool_rounds` times at
+    most (each part keeps its best batch)."""
     batch = np.asarray(ctx.steps.batch[step], dtype=np.int64)
     flips = np.asarray(ctx.steps.flip[step], dtype=bool)
+    b = len(batch)
     pool = draw_pool(ctx, step)
-    pool = pool[~np.isin(pool, batch)]
-    pool_idx = np.concatenate([pool, pool]) if ctx.flip else pool
-    pool_flips = np.concatenate([np.zeros(len(pool), bool), np.ones(len(pool), bool)]) if ctx.flip \
-        else np.zeros(len(pool), bool)
-    x, y = ctx.data.batch(np.concatenate([batch, pool_idx]), np.concatenate([flips, pool_flips]))
-    cache = ctx.swap_cache
-    grads = per_sample(model, params, x, y, cache)
-    batch_grads, pool_grads = grads[:len(batch)], grads[len(batch):]
-    gram = pool_grads @ pool_grads.T  # one matrix product per step serves every part's greedy picks
-    out = []
-    for k in parts:
-        allowed = ctx.allowed_points(point_parts, k)
-        remove = ~np.isin(batch, allowed)  # B_t ∩ D_k (and content twins of D_k)
-        ok = np.isin(pool_idx, allowed)
-        keep = torch.as_tensor(ok)
-        k_idx, k_flips, k_grads, k_gram = pool_idx[ok], pool_flips[ok], pool_grads[keep], gram[keep][:, keep]
-        short = int(remove.sum()) - len(np.unique(k_idx))
-        if short > 0:  # a small pool left too few allowed points: top it up from D \ D_k, seeded per (step, part)
-            spare = np.setdiff1d(allowed, np.concatenate([batch, k_idx]))
-            extra = np.sort(np.random.default_rng([ctx.seed, POOL_STREAM, step, k]).choice(
-                spare, size=min(short, len(spare)), replace=False))
-            e_idx = np.concatenate([extra, extra]) if ctx.flip else extra
-            e_flips = np.concatenate([np.zeros(len(extra), bool), np.ones(len(extra), bool)]) if ctx.flip \
-                else np.zeros(len(extra), bool)
-            ex, ey = ctx.data.batch(e_idx, e_flips)
-            k_idx, k_flips = np.concatenate([k_idx, e_idx]), np.concatenate([k_flips, e_flips])
-            k_grads = torch.cat([k_grads, per_sample(model, params, ex, ey, cache)])
-            k_gram = None  # rare: the greedy computes its products directly
-        out.append(swap_batch(ctx, model, params, target, batch, flips, remove, k_idx, k_flips, k_grads,
-                              batch_grads[torch.as_tensor(remove)], k_gram))
-    # The shared per-sample pass, in minibatch units, is charged to the step's first part.
+    rows = Rows(batch, flips, b).extended(*with_flips(pool[~np.isin(pool, batch)], ctx.flip))
+    if records is not None:  # the batch's factors came with the training step: only the pool's are charged
+        passes = [records, _records(ctx, params, rows, b)]
+        forge = _factored(ctx, params, list(passes))
+    else:
+        forge = _materialised(ctx, params, target, per_sample(ctx.swap_model, params, *ctx.data.batch(
+            rows.points, rows.flips), ctx.swap_cache))
+    charged = (len(rows.points) - (b if records is not None else 0)) / b
+    allowed = {k: ctx.allowed_points(point_parts, k) for k in parts}
+    out = {k: _forge_part(ctx, step, k, allowed[k], rows, forge) for k in parts}
+    limit = ctx.params.pool_target * float(torch.linalg.vector_norm(target))
+    for round_ in range(1, ctx.params.pool_rounds + 1 if records is not None else 1):
+        hard = [k for k in parts if out[k].grad_error > limit]
+        if not hard:
+            break
+        start = len(rows.points)
+        rows = rows.extended(*with_flips(draw_more(ctx, step, round_, rows.points), ctx.flip))
+        passes.append(_records(ctx, params, rows, start))
+        forge = _factored(ctx, params, list(passes))
+        charged += (len(rows.points) - start) / b
+        for k in hard:
+            again = _forge_part(ctx, step, k, allowed[k], rows, forge)
+            out[k] = again if again.grad_error < out[k].grad_error else out[k]
+    out = [out[k] for k in parts]
+    # The shared per-sample passes, in minibatch units, are charged to the step's first part.
     if out:
-        out[0] = dataclasses.replace(out[0], grad_evals=out[0].grad_evals + len(y) / len(batch))
+        out[0] = dataclasses.replace(out[0], grad_evals=out[0].grad_evals + charged)
     return out
 
 
-def forge_parts_hybrid(ctx, params, step: int, parts: list[int], target, point_parts) -> list[ForgedBatch]:
+def _forge_part(ctx, step: int, k: int, allowed: np.ndarray, rows: "Rows", forge) -> ForgedBatch:
+    batch, flips = rows.points[:rows.b], rows.flips[:rows.b]
+    remove = ~np.isin(batch, allowed)  # B_t ∩ D_k (and content twins of D_k)
+    if not remove.any():
+        return ForgedBatch(batch.astype(np.int32), flips.copy(), 0.0, 0)  # nothing of D_k in B_t: B_t itself
+    cand = rows.b + np.flatnonzero(np.isin(rows.points[rows.b:], allowed))
+    short = int(remove.sum()) - len(np.unique(rows.points[cand]))
+    if short > 0:  # a small pool left too few allowed points: top it up from D \ D_k, seeded per (step, part)
+        extra = top_up(ctx, step, k, allowed, np.concatenate([batch, rows.points[cand]]), short)
+        return forge(rows.extended(*extra), remove, np.concatenate([cand, len(rows.points) + np.arange(
+            len(extra[0]))]))
+    return forge(rows, remove, cand)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """The samples of a step's per-sample pass: the batch's b rows, then the pool's (then a part's top-up)."""
+
+    points: np.ndarray
+    flips: np.ndarray
+    b: int
+
+    def extended(self, points, flips) -> "Rows":
+        return Rows(np.concatenate([self.points, points]), np.concatenate([self.flips, flips]), self.b)
+
+    def check(self, remove: np.ndarray, cand: np.ndarray) -> None:
+        count = int(remove.sum())
+        if len(np.unique(self.points[cand])) < count:
+            raise RayforgeError(f"swap: D \\ D_k has fewer than the {count} points needed to replace B_t ∩ D_k")
+
+    def batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The forged batch whose members are `rows`."""
+        return forged_batch(self.points[:self.b], self.flips[:self.b], rows, self.points, self.flips)
+
+
+def _records(ctx, params, rows: Rows, start: int):
+    """Recorded pass over rows[start:], in units of the mean loss (g/b, as the training step's)."""
+    x, y = ctx.data.batch(rows.points[start:], rows.flips[start:])
+    return ctx.grads.records(params, x, y, 1.0 / rows.b)
+
+
+def _factored(ctx, params, passes: list):
+    """Hook path: Gram by ghost products, exact grad_error from per-sample sums: ‖Σ_forged g − Σ_B g‖/b."""
+    samples = ctx.grads.sample_gradients(passes, params)
+    gram_t = samples.gram()
+    gram = gram_t.double().cpu().numpy()
+
+    def forge(rows: Rows, remove: np.ndarray, cand: np.ndarray) -> ForgedBatch:
+        rows.check(remove, cand)
+        k_samples, k_gram = samples, gram
+        if len(rows.points) > samples.n:  # a top-up: its samples too
+            k_samples = ctx.grads.sample_gradients(passes + [_records(ctx, params, rows, samples.n)], params)
+            k_gram = k_samples.gram().double().cpu().numpy()
+        members = match(k_gram, np.flatnonzero(remove), np.flatnonzero(~remove), cand, rows.points)
+        came = members[members >= rows.b]  # the forged batch differs from B_t by these rows only
+        left = np.setdiff1d(np.arange(rows.b), members)
+        weights = np.concatenate([np.ones(len(came)), -np.ones(len(left))])
+        diff = k_samples.combination(torch.as_tensor(np.concatenate([came, left]), device=gram_t.device),
+                                     torch.as_tensor(weights, dtype=gram_t.dtype, device=gram_t.device))
+        new_batch, new_flips = rows.batch(members)
+        return ForgedBatch(new_batch.astype(np.int32), new_flips, float(torch.linalg.vector_norm(diff)), 0)
+
+    return forge
+
+
+def _materialised(ctx, params, target, grads):
+    """BatchNorm models: eval-mode per-sample gradients (which do not add up to the batch gradient), so SHORTLIST
+    variants (different first picks) are re-ranked by their exact batch gradients."""
+    gram = (grads @ grads.T).double().cpu().numpy()  # one matrix product per step serves every part's picks
+
+    def forge(rows: Rows, remove: np.ndarray, cand: np.ndarray) -> ForgedBatch:
+        rows.check(remove, cand)
+        k_gram = gram
+        if len(rows.points) > len(grads):  # a top-up: its per-sample gradients too
+            extra = per_sample(ctx.swap_model, params, *ctx.data.batch(rows.points[len(grads):],
+                                                                       rows.flips[len(grads):]), ctx.swap_cache)
+            full = torch.cat([grads, extra])
+            k_gram = (full @ full.T).double().cpu().numpy()
+        removed, kept = np.flatnonzero(remove), np.flatnonzero(~remove)
+        first_cost = np.diagonal(k_gram)[cand] - 2 * k_gram[np.ix_(cand, removed)].sum(1)
+        starts = [int(j) for j in np.argsort(first_cost, kind="stable")[:SHORTLIST]]
+        variants = [rows.batch(match(k_gram, removed, kept, cand, rows.points, first)) for first in starts]
+        idx = np.stack([v[0] for v in variants]).astype(np.int64)
+        fl = np.stack([v[1] for v in variants])
+        dist = ctx.grads.distances(params, ctx.data, idx, fl, target)
+        best = int(torch.argmin(dist))
+        return ForgedBatch(idx[best].astype(np.int32), fl[best].copy(), float(dist[best]), len(variants))
+
+    return forge
+
+
+def forge_parts_hybrid(ctx, params, step: int, parts: list[int], target, point_parts,
+                       records=None) -> list[ForgedBatch]:
     """Strategy `hybrid`: per part, the better of the paper's best-of-μ and the swap batch."""
     paper = algorithm2.forge_parts(ctx, params, step, parts, target, point_parts)
-    swap = forge_parts(ctx, params, step, parts, target, point_parts)
+    swap = forge_parts(ctx, params, step, parts, target, point_parts, records)
     return [dataclasses.replace(s if s.grad_error <= p.grad_error else p, grad_evals=p.grad_evals + s.grad_evals)
             for p, s in zip(paper, swap)]

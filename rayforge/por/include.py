@@ -7,7 +7,7 @@ Everything else is the original log; the forged trajectory is replayed from the 
 
 The paper draws H at random and leaves the forged batch open. Here the forged batch is B_t with one member swapped
 for x*: the member (and, when training used flips, x*'s orientation) whose per-sample gradient at θ_t is closest to
-x*'s own — the swap machinery (`rayforge.forge.swap.greedy_picks`) in reverse, x* being the substitute and the batch
+x*'s own — the swap machinery (`rayforge.forge.swap.greedy_rows`) in reverse, x* being the substitute and the batch
 the pool. Its gradient error is the substitution residual ‖g(x*) − g(member)‖ / b (exact for models without
 BatchNorm; for BatchNorm models per-sample gradients are taken in eval mode, as `swap` does, and only rank).
 Which iterations (`pick`):
@@ -36,7 +36,7 @@ from rayforge.data import ImageArrays, point_sha256, same_content
 from rayforge.data.dataset import prepare_points
 from rayforge.data.imagefolder import decode_image
 from rayforge.errors import RayforgeError
-from rayforge.forge.swap import both_orientations, greedy_picks, per_sample
+from rayforge.forge.swap import greedy_rows, per_sample, with_flips
 from rayforge.io import check_fresh_dir
 from rayforge.por.artifact import XSTAR_FILE
 from rayforge.por.export import dataset_block, write_por
@@ -149,7 +149,7 @@ def admissions(run: TrainingRun, data: TensorData, xstar_index: int, steps, devi
     steps = sorted(set(int(t) for t in steps))
     start = max(c for c in run.checkpoints if c <= steps[0])
     wanted, out, hook_model, cache = set(steps), {}, None, {}
-    x_idx, x_flips = both_orientations(np.array([xstar_index]), run.cfg.data.flip)
+    x_idx, x_flips = with_flips(np.array([xstar_index]), run.cfg.data.flip)
     walk = walk_trajectory(run, data, start, steps[-1] + 1, device)
     for t, model, _ in progress_bar(walk, desc="x* admissions", total=steps[-1] + 1 - start, unit="step",
                                     disable=not progress):
@@ -163,7 +163,7 @@ def admissions(run: TrainingRun, data: TensorData, xstar_index: int, steps, devi
         member_grads = grads[len(x_idx):]
         best = None
         for k in range(len(x_idx)):
-            [slot] = greedy_picks(member_grads, batch, grads[k], 1)
+            [slot] = greedy_rows(member_grads, batch, grads[k], 1)
             residual = float(torch.linalg.vector_norm(grads[k] - member_grads[slot])) / len(batch)
             if best is None or residual < best.residual:
                 best = Admission(t, int(slot), bool(x_flips[k]), residual)

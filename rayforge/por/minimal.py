@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from rayforge.errors import RayforgeError
-from rayforge.forge.swap import both_orientations, greedy_picks, per_sample
+from rayforge.forge.swap import greedy_rows, per_sample, with_flips
 from rayforge.forge.twins import Twins
 from rayforge.por.export import exclude_claim, write_por
 from rayforge.train.log import Steps
@@ -53,11 +53,11 @@ def minimal_forged_log(run: TrainingRun, point: int, pool_size: int = DEFAULT_PO
         rng = np.random.default_rng([run.cfg.seed, POOL_STREAM, point, t])
         pool = allowed[~np.isin(allowed, batch)]
         pool = np.sort(rng.choice(pool, size=min(pool_size, len(pool)), replace=False))
-        pool_idx, pool_flips = both_orientations(pool, run.cfg.data.flip)
+        pool_idx, pool_flips = with_flips(pool, run.cfg.data.flip)
         slot = int(np.flatnonzero(batch == point)[0])
         xs, ys = data.batch(np.concatenate([[point], pool_idx]), np.concatenate([[flip[slot]], pool_flips]))
         grads = per_sample(hook_model, dict(model.named_parameters()), xs, ys, cache)
-        [pick] = greedy_picks(grads[1:], pool_idx, grads[0], 1)
+        [pick] = greedy_rows(grads[1:], pool_idx, grads[0], 1)
         batch, flip = batch.copy(), flip.copy()
         batch[slot], flip[slot] = pool_idx[pick], pool_flips[pick]
         batches[t], flips[t] = batch, flip

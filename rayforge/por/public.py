@@ -35,7 +35,7 @@ from rayforge.errors import RayforgeError
 from rayforge.forge.algorithm2 import ForgedBatch, best_of_candidates, draw_candidates
 from rayforge.forge.fastgrad import make_gradient_evaluator
 from rayforge.forge.gradients import flatten
-from rayforge.forge.swap import both_orientations, greedy_picks, per_sample
+from rayforge.forge.swap import greedy_rows, per_sample, with_flips
 from rayforge.io import check_fresh_dir
 from rayforge.por.export import write_por
 from rayforge.progress import progress_bar
@@ -99,10 +99,10 @@ class PublicForger:
     def swap(self, t: int, params, target: torch.Tensor) -> ForgedBatch:
         rng = np.random.default_rng([self.seed, POOL_STREAM, t])
         pool = np.sort(rng.choice(len(self.public), size=min(self.pool_size, len(self.public)), replace=False))
-        pool_idx, pool_flips = both_orientations(pool, self.flip)
+        pool_idx, pool_flips = with_flips(pool, self.flip)
         x, y = self.public.batch(pool_idx, pool_flips)
         pool_grads = per_sample(self.hook_model, params, x, y, self.cache)
-        picks = greedy_picks(pool_grads, pool_idx, self.b * target, self.b)
+        picks = greedy_rows(pool_grads, pool_idx, self.b * target, self.b)
         idx, flips = pool_idx[picks][None].astype(np.int64), pool_flips[picks][None]
         [best] = best_of_candidates(self.grads, params, self.public, target, [idx], [flips])
         return best

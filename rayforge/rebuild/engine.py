@@ -4,9 +4,9 @@ The forged trajectory equals the original one until the group's first appearance
 last checkpoint before it. Two replays:
   * sequential: one model at a time through `rayforge.train.sgd` — bit-identical to a plain replay of the forged
     log (what `rayforge verify` does), so it is what the PoR export uses;
-  * batched: several groups' models stacked and stepped together with torch.func (vmap over models), for models
-    without BatchNorm (in-place running-statistics updates cannot be vmapped; those fall back to sequential).
-    Same arithmetic in another kernel order: equal to the sequential replay up to float rounding.
+  * batched: several groups' models side by side as one wide model (grouped convolutions, batched matrix
+    products, BatchNorm over K·C channels: `rayforge.rebuild.stacked`), stepped by the same SGD update. Same
+    arithmetic in another kernel order: equal to the sequential replay up to float rounding.
 """
 
 from __future__ import annotations
@@ -17,13 +17,17 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from rayforge.rebuild.forged_log import ForgedLogs, GroupLog
+from rayforge.rebuild.stacked import NotStackable, WideModel, check, wide_inputs, wide_loss
 from rayforge.train.replay import replay_steps
-from rayforge.train.run import TrainingRun, hyper_of, set_determinism
+from rayforge.train.run import TrainingRun, hyper_of, use_threads
+from rayforge.train.sgd import sgd_update
+
+# The wide model's activation layout, measured on CPU (benchmarks/rebuild_throughput.py): channels-last
+# convolutions are faster for the small channel counts of stacked LeNet5s.
+WIDE_MEMORY_FORMAT = torch.channels_last
 
 DISTANCES_SCHEMA = pa.schema([
     ("group", pa.int64()),
@@ -32,10 +36,6 @@ DISTANCES_SCHEMA = pa.schema([
     ("first_step", pa.int64()),
     ("forged_steps", pa.int64()),
 ])
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def d_theta(params: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
@@ -52,25 +52,57 @@ def d_theta(params: dict[str, torch.Tensor], reference: dict[str, torch.Tensor])
 class RebuildResult:
     row: dict
     model: nn.Module
+    steps: int  # SGD steps replayed for this model
+
+
+# The replay a worker runs when asked for "auto", per device type. CPU: measured by
+# benchmarks/rebuild_throughput.py (see README, "phase 2"); CUDA: the wide model, whose one launch per layer
+# serves K models (benchmarks/gpu.py measures it where a GPU is present).
+DEFAULT_METHOD = {"cpu": "sequential", "cuda": "batched"}
+
+
+def resolve_method(method: str, device: torch.device) -> str:
+    return DEFAULT_METHOD.get(device.type, "sequential") if method == "auto" else method
+
+
+def rebuild_unit(ctx: "RebuildContext", groups: list[int], method: str) -> list[RebuildResult]:
+    """The forged models of `groups`, replayed by `method` (auto | sequential | batched)."""
+    if resolve_method(method, ctx.device) == "batched":
+        return rebuild_groups_batched(ctx, groups)
+    return [rebuild_group(ctx, g) for g in groups]
+
+
+def start_checkpoint(checkpoints: list[int], first_step: int) -> int:
+    """Where a group's rebuild starts: the last checkpoint at or before its first forged step."""
+    return max(c for c in checkpoints if c <= first_step)
 
 
 class RebuildContext:
-    """What a rebuild worker holds once: the log, the forged table, the training tensors and θ*."""
+    """What a rebuild worker holds once: the log, the forged table, the training tensors and θ*. In a Ray worker
+    the driver sends the forged logs and θ*'s checkpoint (`logs`, `final_state`) and, per unit, the checkpoints
+    its groups start from (`states`); in-process they are read from the run."""
 
-    def __init__(self, run: TrainingRun, strategy: str, threads: int, device: torch.device | None = None):
-        set_determinism(threads)
-        torch.set_num_threads(threads)
-        self.run, self.threads = run, threads
+    def __init__(self, run: TrainingRun, strategy: str, threads: int | None = None, device: torch.device | None = None,
+                 logs: ForgedLogs | None = None, final_state: dict | None = None):
+        self.threads = use_threads(threads or run.threads)
+        self.run = run
         self.device = device or run.device()
-        self.logs = ForgedLogs(run, strategy)
+        self.logs = logs or ForgedLogs(run, strategy)
         self.data = run.tensor_data(run.load_dataset(), self.device)
         self.hyper = hyper_of(run.cfg)
-        final, _ = run.model_at(run.total_steps, torch.device("cpu"))
+        final = run.checkpoint(run.total_steps) if final_state is None else final_state
+        final, _ = run.model_from_state(final, torch.device("cpu"), "the final checkpoint")
         self.theta_star = {k: v.detach().clone() for k, v in final.named_parameters()}
+        self.states: dict[int, dict] = {}  # checkpoint tensors sent with the current unit
 
     def start_of(self, glog: GroupLog) -> int:
-        first = glog.first_step if glog.forged else self.run.total_steps
-        return max(c for c in self.run.checkpoints if c <= first)
+        return start_checkpoint(self.run.checkpoints, glog.first_step if glog.forged else self.run.total_steps)
+
+    def model_at(self, step: int):
+        """θ (model and momentum) at checkpoint `step`: as sent by the driver, else read from the run."""
+        if step in self.states:
+            return self.run.model_from_state(self.states[step], self.device, f"checkpoint {step}")
+        return self.run.model_at(step, self.device)
 
     def row(self, glog: GroupLog, model: nn.Module) -> dict:
         return {"group": glog.group, "members": glog.members.astype(np.int32),
@@ -82,49 +114,48 @@ def rebuild_group(ctx: RebuildContext, group: int) -> RebuildResult:
     """Sequential rebuild of one group's forged model."""
     glog = ctx.logs.group_log(group)
     start = ctx.start_of(glog)
-    model, velocity = ctx.run.model_at(start, ctx.device)
+    model, velocity = ctx.model_at(start)
     replay_steps(model, velocity, ctx.data, glog.steps(ctx.run.steps), start, ctx.run.total_steps, ctx.hyper)
-    return RebuildResult(ctx.row(glog, model), model)
+    return RebuildResult(ctx.row(glog, model), model, ctx.run.total_steps - start)
 
 
 def rebuild_groups_batched(ctx: RebuildContext, groups: list[int]) -> list[RebuildResult]:
-    """Rebuild several groups at once with stacked parameters (models without BatchNorm)."""
+    """Rebuild several groups at once as one wide model (`rayforge.rebuild.stacked`); sequentially when the model
+    cannot be stacked."""
     glogs = [ctx.logs.group_log(g) for g in groups]
     start = min(ctx.start_of(g) for g in glogs)
-    template, velocity0 = ctx.run.model_at(start, ctx.device)
-    if has_batchnorm(template) or len(groups) == 1:
-        return [rebuild_group(ctx, g) for g in groups]
-    names = [n for n, _ in template.named_parameters()]
-    params = {n: p.detach().unsqueeze(0).repeat(len(groups), *[1] * p.dim()) for n, p in template.named_parameters()}
-    velocity = {n: v.unsqueeze(0).repeat(len(groups), *[1] * v.dim()) for n, v in velocity0.items()}
-
-    def loss(p, x, y):
-        return F.cross_entropy(functional_call(template, p, (x,)), y)
-
-    batched_grad = vmap(grad(loss), in_dims=(0, 0, 0))
+    template, velocity0 = ctx.model_at(start)
     logs = [g.steps(ctx.run.steps) for g in glogs]
-    hyper = ctx.hyper
+    k = len(groups)
+
+    def batches(t):
+        return np.stack([lg.batch[t] for lg in logs]), np.stack([lg.flip[t] for lg in logs])
+
+    try:
+        wide = WideModel([template] * k, WIDE_MEMORY_FORMAT)
+        check([template] * k, wide, ctx.data, *batches(start))
+    except NotStackable:
+        return [rebuild_group(ctx, g) for g in groups]
+    velocity = dict(WideModel([_with_params(template, velocity0)] * k).named_parameters())  # laid out alike
+    params = [p for _, p in wide.named_parameters()]
+    wide.train()
     for t in range(start, ctx.run.total_steps):
-        idx = np.stack([lg.batch[t] for lg in logs])
-        flips = np.stack([lg.flip[t] for lg in logs])
-        xs, ys = ctx.data.stacked(idx, flips)
-        grads = batched_grad(params, xs, ys)
-        lr = float(ctx.run.steps.lr[t])
-        with torch.no_grad():  # the same update as rayforge.train.sgd.sgd_update, on stacked tensors
-            for n in names:
-                d = grads[n].add(params[n], alpha=hyper.weight_decay) if hyper.weight_decay else grads[n]
-                if hyper.momentum:
-                    velocity[n].mul_(hyper.momentum).add_(d)
-                    d = velocity[n]
-                params[n] = params[n].add(d, alpha=-lr)
-    results = []
-    for i, glog in enumerate(glogs):
-        model = copy.deepcopy(template)  # buffers as at `start`: BatchNorm-free, so nothing else to carry
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(params[n][i])
-        results.append(RebuildResult(ctx.row(glog, model), model))
-    return results
+        x, ys = wide_inputs(ctx.data, *batches(t), wide.memory_format)
+        grads = torch.autograd.grad(wide_loss(wide(x), ys), params)
+        sgd_update(wide, grads, velocity, float(ctx.run.steps.lr[t]), ctx.hyper)
+    models = [copy.deepcopy(template) for _ in groups]
+    wide.unstack_into(models)
+    return [RebuildResult(ctx.row(glog, model), model, ctx.run.total_steps - start)
+            for glog, model in zip(glogs, models)]
+
+
+def _with_params(model: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of `model` whose parameters hold `values` (e.g. momentum buffers, to stack them alike)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            p.copy_(values[name])
+    return out
 
 
 def distances_table(rows: list[dict]) -> pa.Table:

@@ -13,7 +13,7 @@ class TensorData:
 
     def __init__(self, arrays: ImageArrays, mean, std, device: torch.device | str = "cpu"):
         self.x = to_float(arrays.images, mean, std).to(device)
-        self.y = torch.as_tensor(np.asarray(arrays.labels, dtype=np.int64)).to(device)
+        self.y = torch.tensor(np.asarray(arrays.labels, dtype=np.int64)).to(device)  # a copy: labels may be read-only
         self.device = torch.device(device)
 
     def __len__(self) -> int:

@@ -113,7 +113,12 @@ def state_tensors(model: nn.Module, velocity: dict[str, torch.Tensor] | None) ->
 
 
 def save_checkpoint(path: Path, model: nn.Module, velocity: dict[str, torch.Tensor] | None, step: int) -> None:
-    save_tensors(path, state_tensors(model, velocity), tag=f"{CKPT_FORMAT};step={step}")
+    write_checkpoint(path, state_tensors(model, velocity), step)
+
+
+def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
+    """A checkpoint's tensors (as `state_tensors` gives them) to `path`, tagged with the format and step."""
+    save_tensors(path, tensors, tag=f"{CKPT_FORMAT};step={step}")
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:

@@ -207,3 +207,62 @@ def test_unsupported_models_raise():
         with pytest.raises(UnsupportedModel, match="in place"):
             GroupedGradients(inplace, 2)(dict(inplace.named_parameters()), torch.randn(1, 2, 1, 2, 2),
                                          torch.zeros(1, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["lenet5", "odd"])
+def test_sample_gradients_gram_and_combination_match_per_sample_gradients(name):
+    """Ghost products (large layers) and materialised gradients (small ones) give the Gram of the per-sample
+    gradients; layers run twice (Odd) contribute the Gram of their summed gradient; passes concatenate."""
+    torch.manual_seed(0)
+    if name == "odd":
+        model = Odd()
+        params = random_params(model, 1)
+        x, y = torch.randn(9, 2, 12, 12), torch.randint(0, 7, (9,))
+    else:
+        model, params, xs, ys = make_case(name, m=1, b=9)
+        x, y = xs[0], ys[0]
+    ev = GroupedGradients(model, chunk=4)
+    ref = per_sample_gradients(model, params, x, y)
+    samples = ev.sample_gradients([ev.records(params, x[:4], y[:4], 1.0), ev.records(params, x[4:], y[4:], 1.0)],
+                                  params)
+    gram = samples.gram()
+    torch.testing.assert_close(gram, ref @ ref.T, rtol=1e-4, atol=1e-4 * float(gram.abs().max()))
+    rows, weights = torch.tensor([0, 3, 5, 8]), torch.tensor([1.0, -1.0, 2.0, 0.5])
+    torch.testing.assert_close(samples.combination(rows, weights), weights @ ref[rows], **TOL)
+    members = torch.tensor([[0, 3], [5, 8]])
+    torch.testing.assert_close(samples.sums(members), ref[members].sum(1), **TOL)
+
+
+def test_training_step_records_give_the_training_gradients_bit_for_bit():
+    from rayforge.forge.fastgrad import training_step_records
+    from rayforge.train.sgd import loss_and_grads
+
+    model, params, xs, ys = make_case("lenet5", m=1, b=12)
+    _, plain = loss_and_grads(model, xs[0], ys[0])
+    grads, records = training_step_records(model, xs[0], ys[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain, grads))
+    assert all(not m._forward_hooks for m in model.modules())
+    ev = GroupedGradients(model, chunk=4)
+    mapped_grads, mapped = ev.training_step(model, xs[0], ys[0])
+    mean = ev.sample_gradients([mapped], dict(model.named_parameters())).sums(torch.arange(12)[None])[0]
+    torch.testing.assert_close(mean, torch.cat([g.reshape(-1) for g in grads]), **TOL)  # D of the MEAN loss
+
+
+def test_a_layer_type_registers_its_own_rule():
+    """A parameterised layer type is supported once a rule is registered for it (here: a Linear subclass, which
+    exact-type lookup does not match until registered)."""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x)
+
+    model = nn.Sequential(nn.Flatten(), Scaled(16, 3))
+    assert "no registered gradient rule" in fastgrad.unsupported_reason(model)
+    try:
+        fastgrad.register_rule(Scaled)(fastgrad.LinearRule)
+        assert hooks_supported(model)
+        x, y = torch.randn(5, 1, 4, 4), torch.randint(0, 3, (5,))
+        params = dict(model.named_parameters())
+        ref = torch.stack([backward_grad(model, params, x[i:i + 1], y[i:i + 1]) for i in range(5)])
+        torch.testing.assert_close(per_sample_gradients(model, params, x, y), ref, **TOL)
+    finally:
+        fastgrad.RULES.pop(Scaled, None)

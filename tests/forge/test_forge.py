@@ -13,7 +13,8 @@ from rayforge.errors import RayforgeError
 from rayforge.forge.algorithm1 import forge_point_naive
 from rayforge.forge.algorithm2 import candidate_rng, draw_candidates
 from rayforge.forge.driver import run_forge
-from rayforge.forge.engine import (ForgeContext, ForgeParams, forge_dir, forge_unit, plan_units, read_forged)
+from rayforge.forge.engine import (ForgeContext, ForgeParams, auto_window, forge_dir, forge_unit, plan_units,
+                                   read_forged)
 from rayforge.forge.splits import Splits
 from rayforge.train.replay import replay_steps
 from rayforge.train.run import TrainingRun
@@ -59,12 +60,19 @@ def _brute_force_check(run: TrainingRun, params: ForgeParams, table, steps_to_ch
             assert not np.isin(idx[best], np.flatnonzero(point_parts == k)).any()
 
 
-def _forge_local(run: TrainingRun, params: ForgeParams):
-    ctx = ForgeContext(run, params)
-    from rayforge.forge.engine import unit_table
+def _forge_local(run: TrainingRun, params: ForgeParams, window: int | None = None):
+    """Phase 1 in-process; with `window`, windows inside a segment start from `original_states`, as on Ray."""
     import pyarrow as pa
 
-    tables = [unit_table(forge_unit(ctx, a, b, parts)["columns"]) for a, b, parts in plan_units(run.checkpoints, params.kappa)]
+    from rayforge.forge.engine import original_states, unit_table
+
+    ctx = ForgeContext(run, params)
+    tables = []
+    for a, b in zip(run.checkpoints, run.checkpoints[1:]):
+        units = plan_units([a, b], params.kappa, window=window)
+        inner = sorted({u[0] for u in units if u[0] != a})
+        states = dict(zip(inner, original_states(ctx, a, inner))) if inner else {}
+        tables += [unit_table(forge_unit(ctx, w, stop, parts, states.get(w))["columns"]) for w, stop, parts in units]
     return pa.concat_tables(tables).sort_by([("step", "ascending"), ("part", "ascending")])
 
 
@@ -74,6 +82,7 @@ def test_stored_candidate_is_the_brute_force_argmin(trained_run):
     table = _forge_local(run, params)
     assert len(table) == run.total_steps * 2
     _brute_force_check(run, params, table, steps_to_check=[0, 4, 11])
+    assert _forge_local(run, params, window=1).equals(table)  # two windows inside each segment
 
 
 def test_batchnorm_model_with_flips_and_modified_sgd(tmp_path, make_config):
@@ -87,6 +96,8 @@ def test_batchnorm_model_with_flips_and_modified_sgd(tmp_path, make_config):
     table = _forge_local(run, params)
     _brute_force_check(run, params, table, steps_to_check=[1, 3])
     assert any(any(f) for f in table.column("flip").to_pylist())  # candidates drew flips
+    # Windows inside a checkpoint segment continue the same replay bit for bit (BatchNorm buffers, momentum).
+    assert _forge_local(run, params, window=1).equals(table)
 
 
 def test_no_forged_batch_contains_its_part(trained_run):
@@ -166,7 +177,7 @@ def test_one_and_two_actors_and_resume_give_identical_bytes(ray_local, trained_r
     assert run_forge(tmp_path / "resumed", params, 2, cfg.ray, cfg.wandb, progress=False, max_units=3) is None
     done_units = []
     run_forge(tmp_path / "resumed", params, 2, cfg.ray, cfg.wandb, progress=False, on_unit=done_units.append)
-    assert len(done_units) == len(plan_units(runs["one"].checkpoints, 2)) - 3
+    assert len(done_units) == len(plan_units(runs["one"].checkpoints, 2, window=auto_window(12))) - 3
     assert _forged_bytes(tmp_path / "resumed") == _forged_bytes(tmp_path / "one")
     table = read_forged(forge_dir(tmp_path / "one", "paper") / "forged.parquet", kappa=2, n_points=60)
     assert len(table) == 24 and summary["grad_evals"] == 24 * 3 + 12  # μ per (step, part) + one replay per step
