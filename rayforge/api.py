@@ -102,7 +102,7 @@ def rebuild(run_dir: str | Path, strategy: str | None = None, method: str = "aut
 
 def attack(run_dir: str | Path, strategy: str | None = None, points: int | None = None,
            actors: int | None = None, save_models: int = 0, config: Config | None = None) -> dict | None:
-    """The attack stage on Ray: phase 1 if missing, shadow models, the five MI attacks fitted on them, the original
+    """The attack stage on Ray: phase 1 if missing, shadow models, the MI attacks (the paper's five and EnhancedMIA-R) fitted on them, the original
     model scored, and phase 2 with every forged model scored (RUN/attack/). Returns the summary."""
     from rayforge.pipeline import attack_stage
 

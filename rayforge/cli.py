@@ -213,7 +213,7 @@ def rebuild(run_dir, strategy, actors, method, groups_per_unit, save_models, ove
 @click.option("--save-models", type=NON_NEGATIVE, default=0, help="Keep the forged models of the first K groups.")
 @set_option
 def attack(run_dir, strategy, points, actors, save_models, overrides):
-    """Shadows, the five MI attacks, and phase 2 with every forged model scored (phase 1 first if missing)."""
+    """Shadows, the MI attacks (the paper's five and EnhancedMIA-R), and phase 2 with every forged model scored (phase 1 first if missing)."""
     import rayforge as rf
 
     cfg = run_config(run_dir, overrides, STAGE_KEYS, actors)
