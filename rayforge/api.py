@@ -140,51 +140,55 @@ def audit(run_dir: str | Path, strategy: str | None = None, pool: int | None = N
 
 
 def export_por(run_dir: str | Path, point: int, out_dir: str | Path, strategy: str | None = None,
-               mode: str = "group") -> dict:
+               mode: str = "group", topq_windows: int = 1) -> dict:
     """Write the Proof of Repudiation of training point `point` into `out_dir` (must not exist or be empty):
     `mode` "group" replays its group's forged log from phase 1, "minimal" swaps out only the point. Returns
-    por.json (ε = ‖θ' − θ*‖₂, d_θ, the hashes a verifier checks)."""
+    por.json (ε = ‖θ' − θ*‖₂, d_θ, the hashes a verifier checks). `topq_windows`: one-step checkpoint windows per
+    epoch around the largest updates, so `verify_por(steps="topq:Q")` with Q up to it replays single steps (0: the
+    log's checkpoints only)."""
     from rayforge.train.run import TrainingRun
 
     run = TrainingRun.open(run_dir)
     if mode == "minimal":
         from rayforge.por.minimal import export_minimal_por
 
-        return export_minimal_por(run, point, out_dir)
+        return export_minimal_por(run, point, out_dir, topq_windows=topq_windows)
     if mode != "group":
         from rayforge.errors import RayforgeError
 
         raise RayforgeError(f"mode must be 'group' or 'minimal', got {mode!r}")
     from rayforge.por import export_por as _export
 
-    return _export(run, strategy or run.cfg.forge.strategy, point, out_dir)
+    return _export(run, strategy or run.cfg.forge.strategy, point, out_dir, topq_windows=topq_windows)
 
 
 def export_include_por(run_dir: str | Path, out_dir: str | Path, image: str | Path | None = None,
                        label: int | None = None, test_index: int | None = None, iterations: int | None = None,
-                       rate: float | None = None, pick: str = "best") -> dict:
+                       rate: float | None = None, pick: str = "best", topq_windows: int = 1) -> dict:
     """Write the include PoR (the claim "x* was left out of D") into `out_dir`: a log of D ∪ {x*}, x* (an image
     file with its `label`, or the run's test point `test_index`) being index n, admitted in |H| iterations
     (`iterations`, or `rate` x the log's steps; default one per epoch) picked per window of the log with the
-    smallest gradient residual (`pick` "best") or at random (the paper's H). Returns por.json."""
+    smallest gradient residual (`pick` "best") or at random (the paper's H); `topq_windows` as in `export_por`.
+    Returns por.json."""
     from rayforge.por.include import export_include_por as _export
     from rayforge.train.run import TrainingRun
 
     manifest, _ = _export(TrainingRun.open(run_dir), out_dir, image=image, label=label, test_index=test_index,
-                          iterations=iterations, rate=rate, pick=pick)
+                          iterations=iterations, rate=rate, pick=pick, topq_windows=topq_windows)
     return manifest
 
 
 def export_public_por(run_dir: str | Path, public_dir: str | Path, out_dir: str | Path, strategy: str = "hybrid",
-                      mu: int | None = None, pool: int | None = None) -> dict:
+                      mu: int | None = None, pool: int | None = None, topq_windows: int = 1) -> dict:
     """Write the public-data PoR into `out_dir`: every minibatch of the log forged from the public dataset D_p in
     `public_dir` (`train/<class>/*`, images already of the model's input shape), D never named. `strategy`: paper
     (best of `mu` random batches), swap (greedy matching over `pool` D_p points) or hybrid (the better per step).
-    Returns por.json (with D_p's hash)."""
+    `topq_windows` as in `export_por`. Returns por.json (with D_p's hash)."""
     from rayforge.por.public import export_public_por as _export
     from rayforge.train.run import TrainingRun
 
-    return _export(TrainingRun.open(run_dir), public_dir, out_dir, strategy=strategy, mu=mu, pool_size=pool)
+    return _export(TrainingRun.open(run_dir), public_dir, out_dir, strategy=strategy, mu=mu, pool_size=pool,
+                   topq_windows=topq_windows)
 
 
 def verify_por(por_dir: str | Path, data_root: str | Path | None = None, model: str | Path | None = None,

@@ -293,7 +293,10 @@ def por_kind(given: dict) -> str:
 @click.option("--mu", type=POSITIVE, default=None, help="public: candidate batches per step (default: forge.mu).")
 @click.option("--pool", type=POSITIVE, default=None,
               help="public: D_p points per step for swap matching (default: forge.pool_size).")
-def por(run_dir, out_dir, **given):
+@click.option("--topq-windows", type=NON_NEGATIVE, default=1, show_default=True,
+              help="One-step checkpoint windows per epoch around the largest updates, so `verify --steps topq:Q` "
+                   "(Q up to this) replays single steps; 0: the log's checkpoints only.")
+def por(run_dir, out_dir, topq_windows, **given):
     """Build a Proof of Repudiation from RUN's log (forged log, checkpoints, por.json): --point (exclude),
     --include/--include-test (include) or --public (public data)."""
     import rayforge as rf
@@ -302,16 +305,17 @@ def por(run_dir, out_dir, **given):
     if kind == "include":
         manifest = rf.export_include_por(run_dir, out_dir, image=given["include_image"], label=given["label"],
                                          test_index=given["include_test"], iterations=given["iterations"],
-                                         rate=given["rate"], pick=given["pick"] or "best")
+                                         rate=given["rate"], pick=given["pick"] or "best",
+                                         topq_windows=topq_windows)
         inc = manifest["include"]
         what = f"include PoR of x* (index {inc['index']}, label {inc['label']}) in {len(inc['steps'])} iterations"
     elif kind == "public":
         manifest = rf.export_public_por(run_dir, given["public_dir"], out_dir, strategy=given["strategy"] or "hybrid",
-                                        mu=given["mu"], pool=given["pool"])
+                                        mu=given["mu"], pool=given["pool"], topq_windows=topq_windows)
         what = f"public-data PoR ({manifest['public']['n']} public points)"
     else:
         manifest = rf.export_por(run_dir, given["point"], out_dir, strategy=given["strategy"],
-                                 mode=given["mode"] or "group")
+                                 mode=given["mode"] or "group", topq_windows=topq_windows)
         what = f"PoR of point {given['point']}"
     click.echo(f"{what} -> {out_dir}: epsilon={manifest['epsilon']:.4g} d_theta={manifest['d_theta']:.3g}")
 

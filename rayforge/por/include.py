@@ -39,7 +39,7 @@ from rayforge.errors import RayforgeError
 from rayforge.forge.swap import greedy_rows, per_sample, with_flips
 from rayforge.io import check_fresh_dir
 from rayforge.por.artifact import XSTAR_FILE
-from rayforge.por.export import dataset_block, write_por
+from rayforge.por.export import TOPQ_WINDOWS, dataset_block, write_por
 from rayforge.progress import progress_bar
 from rayforge.train.batches import TensorData
 from rayforge.train.log import Steps
@@ -204,20 +204,21 @@ def union_data(ds, xstar: ImageArrays, device: torch.device) -> TensorData:
 
 
 def write_include_por(run: TrainingRun, out_dir: Path, xstar: ImageArrays, data: TensorData,
-                      kept: list[Admission], device: torch.device) -> dict:
+                      kept: list[Admission], device: torch.device, topq_windows: int = TOPQ_WINDOWS) -> dict:
     """Replay the original log with x* admitted as `kept` says (in step order) on D ∪ {x*} (`data`), and write the
     include PoR into `out_dir`; return por.json."""
     n, steps = int(run.info["n"]), np.array([a.step for a in kept], np.int64)
     return write_por(run, with_xstar(run.steps, n, kept), int(steps[0]), out_dir, include_claim(run, xstar, steps),
-                     data, device, {XSTAR_FILE: xstar_tensors(xstar)})
+                     data, device, {XSTAR_FILE: xstar_tensors(xstar)}, topq_windows)
 
 
 def export_include_por(run: TrainingRun, out_dir: str | Path, image: str | Path | None = None,
                        label: int | None = None, test_index: int | None = None, iterations: int | None = None,
                        rate: float | None = None, pick: str = "best", device: torch.device | None = None,
-                       progress: bool = True) -> tuple[dict, list[Admission]]:
+                       progress: bool = True, topq_windows: int = TOPQ_WINDOWS) -> tuple[dict, list[Admission]]:
     """Write the include PoR of x* (an image file with its `label`, or test point `test_index`) into `out_dir`
-    (absent or empty); return por.json and the admissions of H. Every input is checked before anything runs."""
+    (absent or empty); return por.json and the admissions of H. Every input is checked before anything runs.
+    `topq_windows`: see `rayforge.por.export`."""
     out_dir = Path(out_dir)
     check_fresh_dir(out_dir)
     if (image is None) == (test_index is None):
@@ -242,6 +243,6 @@ def export_include_por(run: TrainingRun, out_dir: str | Path, image: str | Path 
             chosen = admissions(run, data, n, range(run.total_steps), device, progress)
             steps = best_steps(chosen, run.total_steps, count)
         kept = [chosen[int(t)] for t in steps]
-        return write_include_por(run, out_dir, xstar, data, kept, device), kept
+        return write_include_por(run, out_dir, xstar, data, kept, device, topq_windows), kept
     finally:
         torch.set_num_threads(previous_threads)

@@ -18,7 +18,7 @@ import torch
 from rayforge.errors import RayforgeError
 from rayforge.forge.swap import greedy_rows, per_sample, with_flips
 from rayforge.forge.twins import Twins
-from rayforge.por.export import exclude_claim, write_por
+from rayforge.por.export import TOPQ_WINDOWS, exclude_claim, write_por
 from rayforge.train.log import Steps
 from rayforge.io import check_fresh_dir
 from rayforge.train.replay import walk_trajectory
@@ -65,8 +65,9 @@ def minimal_forged_log(run: TrainingRun, point: int, pool_size: int = DEFAULT_PO
 
 
 def export_minimal_por(run: TrainingRun, point: int, out_dir: str | Path, pool_size: int = DEFAULT_POOL,
-                       device: torch.device | None = None) -> dict:
-    """Write the minimal PoR of `point` into `out_dir` (must not exist or be empty); return por.json."""
+                       device: torch.device | None = None, topq_windows: int = TOPQ_WINDOWS) -> dict:
+    """Write the minimal PoR of `point` into `out_dir` (must not exist or be empty); return por.json.
+    `topq_windows`: see `rayforge.por.export`."""
     out_dir = Path(out_dir)
     check_fresh_dir(out_dir)
     n = int(run.info["n"])
@@ -76,6 +77,6 @@ def export_minimal_por(run: TrainingRun, point: int, out_dir: str | Path, pool_s
     try:
         forged, first = minimal_forged_log(run, int(point), pool_size)
         claim = exclude_claim(run, run.load_dataset(), int(point), [int(point)])
-        return write_por(run, forged, first, out_dir, claim, device=device)
+        return write_por(run, forged, first, out_dir, claim, device=device, topq_windows=topq_windows)
     finally:
         torch.set_num_threads(previous_threads)

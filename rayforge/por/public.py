@@ -37,7 +37,7 @@ from rayforge.forge.fastgrad import make_gradient_evaluator
 from rayforge.forge.gradients import flatten
 from rayforge.forge.swap import greedy_rows, per_sample, with_flips
 from rayforge.io import check_fresh_dir
-from rayforge.por.export import write_por
+from rayforge.por.export import TOPQ_WINDOWS, write_por
 from rayforge.progress import progress_bar
 from rayforge.train.batches import TensorData
 from rayforge.train.log import Steps
@@ -134,10 +134,11 @@ def public_claim(run: TrainingRun, public: ImageArrays, mean, std) -> dict:
 
 def export_public_por(run: TrainingRun, public_dir: str | Path, out_dir: str | Path, strategy: str = "hybrid",
                       mu: int | None = None, pool_size: int | None = None, device: torch.device | None = None,
-                      progress: bool = True, summary: dict | None = None) -> dict:
+                      progress: bool = True, summary: dict | None = None,
+                      topq_windows: int = TOPQ_WINDOWS) -> dict:
     """Write the public-data PoR of RUN's model, every batch from D_p in `public_dir` (`<dir>/train/<class>/*`),
     into `out_dir` (absent or empty); return por.json. `summary`, when given, receives the per-step relative
-    gradient errors ("relative_errors")."""
+    gradient errors ("relative_errors"). `topq_windows`: see `rayforge.por.export`."""
     out_dir = Path(out_dir)
     check_fresh_dir(out_dir)
     mu = run.cfg.forge.mu if mu is None else mu
@@ -155,6 +156,7 @@ def export_public_por(run: TrainingRun, public_dir: str | Path, out_dir: str | P
         forged, relative = public_forged_log(run, run.tensor_data(ds, device), forger, device, progress)
         if summary is not None:
             summary["relative_errors"] = relative
-        return write_por(run, forged, 0, out_dir, public_claim(run, public, ds.mean, ds.std), public_data, device)
+        return write_por(run, forged, 0, out_dir, public_claim(run, public, ds.mean, ds.std), public_data, device,
+                         topq_windows=topq_windows)
     finally:
         torch.set_num_threads(previous_threads)

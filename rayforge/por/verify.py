@@ -580,8 +580,15 @@ def check_checkpoints(por_dir: Path, m: Manifest, present: set[int], template: n
 def select_segments(segments: list[SegmentCheck], kind: str, count: int | None, steps_per_epoch: int,
                     seed: int | None) -> list[SegmentCheck]:
     """The segments to replay. topq:Q is the PoL paper's heuristic: within every epoch (a segment belongs to the
-    epoch its start step is in) the Q segments with the largest stored update; random:N draws N distinct segments
-    from `seed`. Segments whose update is unknown (unreadable checkpoints) rank first: they fail anyway."""
+    epoch its start step is in) the Q segments with the largest stored update per step, ‖θ_stop − θ_start‖ /
+    (stop − start); random:N draws N distinct segments from `seed`. Segments whose update is unknown (unreadable
+    checkpoints) rank first: they fail anyway.
+
+    Per step, not per segment (a departure from PoL, whose checkpoints are equally spaced): a PoR export adds
+    one-step windows around each epoch's largest updates (`rayforge.por.export`), and a whole segment's update
+    would always outrank them. Per step, a k-step segment's rate is at most its largest single step (triangle
+    inequality), so an honest export's windows rank first and topq:Q replays Q single steps per epoch; on a PoR
+    with equally spaced checkpoints the ranking is PoL's (only a shorter last segment moves)."""
     if kind == "all":
         return list(segments)
     if kind == "random":
@@ -593,7 +600,7 @@ def select_segments(segments: list[SegmentCheck], kind: str, count: int | None, 
         by_epoch.setdefault(s.start // steps_per_epoch, []).append(s)
     chosen = []
     for group in by_epoch.values():
-        ranked = sorted(group, key=lambda s: (s.update_norm is not None, -(s.update_norm or 0.0)))
+        ranked = sorted(group, key=lambda s: (s.update_norm is not None, -(s.update_norm or 0.0) / (s.stop - s.start)))
         chosen.extend(ranked[:count])
     return sorted(chosen, key=lambda s: s.start)
 

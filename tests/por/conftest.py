@@ -40,6 +40,18 @@ def plain_por(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def old_por(plain_por, tmp_path_factory):
+    """The plain run's PoR of point 7 as exported before one-step windows (topq_windows=0): the log's checkpoints
+    only."""
+    from rayforge.por import export_por
+    from rayforge.train.run import TrainingRun
+
+    root = tmp_path_factory.mktemp("old")
+    manifest = export_por(TrainingRun.open(plain_por["run_dir"]), "paper", 7, root / "por", topq_windows=0)
+    return {**plain_por, "por": root / "por", "manifest": manifest}
+
+
+@pytest.fixture(scope="module")
 def modified_por(tmp_path_factory):
     """The paper's modified SGD: momentum, weight decay, cosine annealing, random flips; groups of 3."""
     root = tmp_path_factory.mktemp("modified")

@@ -71,10 +71,10 @@ def test_random_selection_is_reproducible_from_the_printed_seed(plain_por):
     assert len({(s.start, s.stop) for s in first.segments}) == 2
 
 
-def test_topq_picks_the_largest_updates_per_epoch(plain_por):
-    report = verify_por(plain_por["por"], steps="all")
+def test_topq_picks_the_largest_updates_per_epoch(old_por):
+    report = verify_por(old_por["por"], steps="all")
     norms = {(s.start, s.stop): s.update_norm for s in report.segments}
-    top = verify_por(plain_por["por"], steps="topq:1")
+    top = verify_por(old_por["por"], steps="topq:1")
     # 6 steps per epoch, checkpoints every 3: epoch 0 holds segments 0-3 and 3-6, epoch 1 holds 6-9 and 9-12
     want = [max([(0, 3), (3, 6)], key=norms.get), max([(6, 9), (9, 12)], key=norms.get)]
     assert [(s.start, s.stop) for s in top.segments] == want
@@ -153,8 +153,8 @@ def test_learning_rate_changed(plain_por, tmp_path):
     assert not report.valid and "lr_schedule" in _codes(report)
 
 
-def test_one_checkpoint_weight_changed(plain_por, tmp_path):
-    por = _copy(plain_por, tmp_path)
+def test_one_checkpoint_weight_changed(old_por, tmp_path):
+    por = _copy(old_por, tmp_path)
     path = por / ckpt_name(6)
     tensors = load_file(str(path))
     tensors["param/linear.weight"][3, 5] += 1e-2
