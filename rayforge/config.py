@@ -56,7 +56,7 @@ class ForgeConfig:
     dsub_size: Optional[int] = None
     chunk: int = 8  # candidates per batched gradient pass (bounds memory)
     points: Optional[int] = None  # sampling approximation: only the groups of this many sampled points
-    grad_method: str = "auto"  # candidate gradients: auto | hooks (no BatchNorm; fastest) | vmap (torch.func)
+    grad_method: str = "auto"  # candidate gradients: auto | hooks (no BatchNorm; fastest) | vmap (torch.func) | loop
     pool_size: int = 256  # swap/hybrid strategies: substitutes drawn per step
     pool_target: float = 0.0  # swap/hybrid: parts whose grad_error/grad_norm stays above this get more pool ...
     pool_rounds: int = 0  # ... at most this many times (another pool_size each); 0: a fixed pool
@@ -243,7 +243,7 @@ def validate(cfg: Config) -> None:
         (cfg.forge.pool_target >= 0 and cfg.forge.pool_rounds >= 0, "forge.pool_target and pool_rounds must be >= 0"),
         (cfg.forge.points is None or cfg.forge.points >= 1, "forge.points must be >= 1"),
         (cfg.forge.dsub_size is None or cfg.forge.dsub_size >= 1, "forge.dsub_size must be >= 1"),
-        (cfg.forge.grad_method in ("auto", "hooks", "vmap"), "forge.grad_method must be auto, hooks or vmap"),
+        (cfg.forge.grad_method in ("auto", "hooks", "vmap", "loop"), "forge.grad_method must be auto, hooks, vmap or loop"),
         (cfg.ray.actors == "auto" or (isinstance(cfg.ray.actors, int) and cfg.ray.actors >= 1),
          "ray.actors must be 'auto' or an integer >= 1"),
         (cfg.ray.num_cpus_per_actor >= 0 and cfg.ray.num_gpus_per_actor >= 0,

@@ -61,7 +61,7 @@ class ForgeParams:
     chunk: int
     threads: int
     points: int | None = None  # sampling approximation: forge only what these many sampled points' groups need
-    grad_method: str = "auto"  # candidate gradients: hooks (models without BatchNorm) or vmap; see fastgrad.py
+    grad_method: str = "auto"  # candidate gradients: hooks (no BatchNorm), vmap or loop; see fastgrad.py
     parts_per_unit: int | None = None  # parts forged together per unit of work (default all κ: shared samples)
     pool_size: int = 256  # swap/hybrid: substitutes drawn per step (per-sample gradients, both flips if used)
     pool_target: float = 0.0  # swap/hybrid (hook path): parts above this grad_error/grad_norm get more pool ...

@@ -731,11 +731,14 @@ def per_sample_gradients(model: nn.Module, params: dict[str, torch.Tensor] | Non
 
 def make_gradient_evaluator(model: nn.Module, chunk: int, method: str = "auto"):
     """`GroupedGradients` when the hook path is exact for `model` ("auto"; "hooks" raises `UnsupportedModel`
-    otherwise), else `CandidateGradients` ("vmap" always)."""
-    if method == "vmap":
-        return CandidateGradients(model, chunk)
+    otherwise), else `CandidateGradients`: vmapped ("vmap"; "auto" on an accelerator) or one candidate at a time
+    ("loop"; "auto" on CPU, where it is faster for BatchNorm convnets: see rayforge.forge.gradients)."""
+    if method in ("vmap", "loop"):
+        return CandidateGradients(model, chunk, loop=method == "loop")
     if method == "hooks":
         return GroupedGradients(model, chunk)
     if method == "auto":
-        return GroupedGradients(model, chunk) if hooks_supported(model) else CandidateGradients(model, chunk)
-    raise RayforgeError(f"unknown gradient method {method!r} (auto, hooks, vmap)")
+        if hooks_supported(model):
+            return GroupedGradients(model, chunk)
+        return CandidateGradients(model, chunk, loop=next(model.parameters()).device.type == "cpu")
+    raise RayforgeError(f"unknown gradient method {method!r} (auto, hooks, vmap, loop)")

@@ -142,6 +142,8 @@ def test_factory_picks_hooks_for_plain_models_and_vmap_for_batchnorm():
     resnet = build_model("resnet_mini", (3, 8, 8), 10)
     assert not hooks_supported(resnet)
     assert type(make_gradient_evaluator(resnet, 4)) is CandidateGradients
+    assert make_gradient_evaluator(resnet, 4).loop  # on CPU "auto" loops over candidates
+    assert not make_gradient_evaluator(resnet, 4, method="vmap").loop
     with pytest.raises(UnsupportedModel, match="BatchNorm"):
         make_gradient_evaluator(resnet, 4, method="hooks")
     with pytest.raises(UnsupportedModel, match="BatchNorm"):
@@ -266,3 +268,17 @@ def test_a_layer_type_registers_its_own_rule():
         torch.testing.assert_close(per_sample_gradients(model, params, x, y), ref, **TOL)
     finally:
         fastgrad.RULES.pop(Scaled, None)
+
+
+def test_loop_equals_vmap_for_batchnorm_candidates():
+    """The looped candidate gradients of a BatchNorm model are the vmapped ones (each candidate with its own batch
+    statistics), to float rounding."""
+    torch.manual_seed(0)
+    model = build_model("resnet_mini", (3, 8, 8), 10)
+    params = dict(model.named_parameters())
+    xs, ys = torch.randn(3, 5, 3, 8, 8), torch.randint(0, 10, (3, 5))
+    vmapped = CandidateGradients(model, 4)(params, xs, ys)
+    looped = CandidateGradients(model, 4, loop=True)(params, xs, ys)
+    torch.testing.assert_close(looped, vmapped, atol=1e-5, rtol=1e-4)
+    assert float(vmapped.abs().max()) > 1e-3  # not trivially zero
+    assert not torch.allclose(looped[0], looped[1])  # each candidate its own gradient
