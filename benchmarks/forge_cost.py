@@ -87,7 +87,7 @@ def main():
     args = parser.parse_args()
     rows = []
 
-    run = ensure_run("quickstart.yaml", args.quickstart_run)
+    run = ensure_run("quickstart_mnist.yaml", args.quickstart_run)
     params = ForgeParams.from_config(run.cfg)
     summary = run_forge(run.run_dir, params, run.cfg.ray.actors, run.cfg.ray, run.cfg.wandb)
     timing = time_algorithms(run, params, args.steps, args.points)

@@ -1,7 +1,7 @@
 """Write an image folder of MNIST digits with planted out-of-distribution images, to measure the audit on.
 
     python benchmarks/plant_ood.py OUT [--n 1000] [--ood 10] [--seed 1]
-    rayforge run configs/quickstart.yaml --out RUN --set data.dataset=imagefolder --set data.data_root=OUT \\
+    rayforge run configs/quickstart_mnist.yaml --out RUN --set data.dataset=imagefolder --set data.data_root=OUT \\
         --set data.subset=null --set forge.lam=1
     rayforge audit RUN && python benchmarks/audit_calibration.py RUN --points <the planted indices printed here>
 
