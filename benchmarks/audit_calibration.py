@@ -42,6 +42,7 @@ from rayforge.por.minimal import minimal_forged_log  # noqa: E402
 from rayforge.rebuild.engine import RebuildContext, d_theta, rebuild_group  # noqa: E402
 from rayforge.train.replay import replay_steps  # noqa: E402
 from rayforge.train.run import TrainingRun, hyper_of  # noqa: E402
+from rayforge.io import atomic_write_json  # noqa: E402
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -147,7 +148,7 @@ def main():
               ",".join(r["evidence"]) or "-")
     print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        atomic_write_json(args.json, out)
 
 
 if __name__ == "__main__":

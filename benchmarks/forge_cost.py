@@ -30,6 +30,7 @@ from rayforge.forge.driver import run_forge  # noqa: E402
 from rayforge.forge.engine import ForgeContext, ForgeParams, forge_unit  # noqa: E402
 from rayforge.train.run import TrainingRun  # noqa: E402
 from rayforge.train.trainer import train  # noqa: E402
+from rayforge.io import atomic_write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,7 +105,7 @@ def main():
         rows.append(report("mnist10k", run, params, timing, forge_wall, evals, evals / timing["alg2_s_per_step"],
                            f"extrapolated from {args.steps} forged steps to tau, {actors} actors of 1 thread"))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        atomic_write_json(args.json, rows)
 
 
 if __name__ == "__main__":

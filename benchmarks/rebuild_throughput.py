@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from rayforge.por import export_por, verify_por  # noqa: E402
 from rayforge.rebuild.engine import DEFAULT_METHOD, RebuildContext, rebuild_unit  # noqa: E402
 from rayforge.train.run import TrainingRun  # noqa: E402
+from rayforge.io import atomic_write_json  # noqa: E402
 
 
 def replay_rates(ctx: RebuildContext, groups: list[int], reps: int) -> dict:
@@ -100,7 +101,7 @@ def main():
               f"({r['verify_all_over_train']:.3f} x training), {q} {r[f'verify_{q}_s']:.1f} s "
               f"({r[f'verify_{q}_over_train']:.3f} x training {r['train_wall_s']:.1f} s)")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        atomic_write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ read ratios from one run. Checks that every actor count gives the same forged.pa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 from rayforge.config import load_config  # noqa: E402
 from rayforge.forge.driver import run_forge  # noqa: E402
 from rayforge.forge.engine import ForgeParams, forge_dir  # noqa: E402
+from rayforge.io import atomic_write_json  # noqa: E402
 from rayforge.ray_utils import ray_session  # noqa: E402
 from rayforge.rebuild.driver import RebuildParams, rebuild_dir, run_rebuild  # noqa: E402
 from rayforge.train.run import TrainingRun  # noqa: E402
@@ -101,8 +101,7 @@ def main() -> None:
         print(f"{phase[:6]}: " + ", ".join(f"{a} actor(s) {t:.1f} s (x{by[lo] / t:.2f})" for a, t in by.items()))
     print("outputs byte-identical across actor counts")
     if args.json:
-        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if not isinstance(v, bytes)}
-                                               for r in rows], indent=2))
+        atomic_write_json(args.json, [{k: v for k, v in r.items() if not isinstance(v, bytes)} for r in rows])
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from rayforge.attacks.driver import run_attack  # noqa: E402
 from rayforge.forge.driver import run_forge  # noqa: E402
+from rayforge.io import atomic_write_json  # noqa: E402
 from rayforge.forge.engine import ForgeContext, ForgeParams, forge_unit  # noqa: E402
 from rayforge.report.metrics import compute_metrics  # noqa: E402
 from rayforge.train.replay import replay_steps  # noqa: E402
@@ -160,8 +161,7 @@ def main():
               f"{full['forge_wall_s']:.1f} s / training {full['train_wall_s']:.1f} s = "
               f"{full['forge_over_train']:.2f}x; grad_error/grad_norm median {full['rel_error_median']:.4f}")
     if args.json:
-        args.json.write_text(json.dumps({"per_step": costs, "all_points_swap": full, "quality": rows,
-                                         "load": load}, indent=2))
+        atomic_write_json(args.json, {"per_step": costs, "all_points_swap": full, "quality": rows, "load": load})
 
 
 if __name__ == "__main__":

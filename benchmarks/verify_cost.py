@@ -28,6 +28,7 @@ from rayforge.por import export_por, verify_por  # noqa: E402
 from rayforge.por.export import exclude_claim, write_por  # noqa: E402
 from rayforge.por.minimal import minimal_forged_log  # noqa: E402
 from rayforge.train.run import TrainingRun  # noqa: E402
+from rayforge.io import atomic_write_json  # noqa: E402
 
 
 def export_both(run: TrainingRun, strategy: str, point: int, windows: int, root: Path) -> dict[int, Path]:
@@ -101,7 +102,7 @@ def main():
               f"{t['steps_replayed']} steps replayed (dataset {t['dataset_s']:.2f} s, checks {t['checks_s']:.2f} s, "
               f"replay {t['replay_s']:.2f} s); all {v['all']['s']:.1f} s")
     if args.json:
-        args.json.write_text(json.dumps(r, indent=2))
+        atomic_write_json(args.json, r)
 
 
 if __name__ == "__main__":
