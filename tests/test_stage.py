@@ -123,10 +123,10 @@ def test_a_log_without_thread_count_is_refused(trained_run, tmp_path):
 
 
 def test_a_detached_run_cannot_read_the_run_directory(trained_run):
-    import pickle
+    import copy
 
     run = TrainingRun.open(trained_run)
-    shipped = pickle.loads(pickle.dumps(run.detach()))  # what a Ray worker receives
+    shipped = copy.deepcopy(run.detach())  # a copy, as a Ray worker receives it (serialised by Ray, not by us)
     assert shipped.detached and shipped.dataset is not None
     assert shipped.load_dataset() is shipped.dataset  # no file read: the driver's copy
     model, _ = shipped.model_from_state(run.checkpoint(3), run.device())
