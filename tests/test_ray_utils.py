@@ -64,7 +64,11 @@ def test_stale_bootstrap_file_is_ignored_unless_named(tmp_path):
     (Path(ray_tmp) / "ray").mkdir()
     (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_dead_port()}")
     script = (
-        "import sys, time\n"
+        "import functools, sys, time\n"
+        "import ray._private.services as services\n"
+        # Ray's "auto" falls back to any live Ray found by a process scan: other Ray instances on the machine
+        # (another test run, a job) must not stand in for the dead head this test is about.
+        "services.find_gcs_addresses = functools.lru_cache(maxsize=None)(lambda: [])\n"
         "from rayforge.config import RayConfig\n"
         "from rayforge.errors import RayforgeError\n"
         "from rayforge.ray_utils import ray_session\n"
