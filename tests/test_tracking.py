@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import socket
 import threading
 
@@ -109,7 +110,9 @@ def test_offline_writes_under_run_and_a_rerun_resumes_the_same_id(run_dir, wandb
     recorded = json.loads((run_dir / "metrics" / "wandb.json").read_text())["forge-paper"]
     assert recorded["mode"] == "offline" and recorded["id"] == stage_run(run_dir, "forge-paper")["id"]
     runs = sorted(p for p in (run_dir / "wandb").glob("offline-run-*") if p.is_dir())
-    assert len(runs) == 2 and all(p.name.endswith(recorded["id"]) for p in runs)
+    # W&B names a rerun's directory "<time>-<id>", or "<time>-<id>-1" when both started in the same second
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{recorded['id']}(-\d+)?", p.name)
+                                  for p in runs), [p.name for p in runs]
     history = (runs[0] / f"run-{recorded['id']}.wandb").read_bytes()
     for expected in (SHA, "lenet5", "kappa", "forge/step", "d_theta/groups"):
         assert expected.encode() in history, expected
