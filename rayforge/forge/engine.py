@@ -268,7 +268,8 @@ def prepare_output(out: Path, params, hint: str = "choose a different strategy d
     path = out / "params.json"
     if path.exists():
         try:
-            previous = ForgeParams(**json.loads(path.read_text())).to_json()  # fields added since: their defaults
+            # read back as the same parameter class, so fields added since take their defaults
+            previous = type(params)(**json.loads(path.read_text())).to_json()
         except (json.JSONDecodeError, TypeError):
             raise MalformedArtifact(f"{path}: unreadable") from None
         if previous != params.to_json():

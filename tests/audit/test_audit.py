@@ -11,6 +11,7 @@ import pytest
 from helpers import folder_order, tiny_config, write_image_folder
 
 import rayforge as rf
+from rayforge.errors import RayforgeError
 from rayforge.train.run import TrainingRun
 
 
@@ -110,3 +111,16 @@ def test_planted_out_of_distribution_points_rank_first(tmp_path):
     assert set(ranked[:3]) == ood
     assert not points.loc[list(ood), "repudiable"].any()
     assert points.drop(index=list(ood))["repudiable"].mean() > 0.9
+
+
+def test_audit_resumes_and_refuses_other_parameters(theorem_run):
+    """A second audit of the same run with the same parameters reuses the stored segments (same rows, byte for
+    byte); other parameters are refused with one line instead of mixing their rows in."""
+    run_dir, _ = theorem_run
+    rows = run_dir / "audit" / "substitution" / "rows.parquet"
+    before = rows.read_bytes()
+    rf.audit(run_dir, use_ray=False, progress=False)
+    assert rows.read_bytes() == before
+    with pytest.raises(RayforgeError, match="other parameters") as err:
+        rf.audit(run_dir, pool=7, use_ray=False, progress=False)
+    assert "\n" not in str(err.value)
