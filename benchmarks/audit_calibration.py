@@ -35,9 +35,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from rayforge.attacks.driver import attack_root, prepare_attacks  # noqa: E402
+from rayforge.attacks.driver import stored_attacks  # noqa: E402
 from rayforge.attacks.evaluate import ForgedModelScorer, attack_population, score_all  # noqa: E402
-from rayforge.attacks.shadows import ShadowSet  # noqa: E402
 from rayforge.por.minimal import minimal_forged_log  # noqa: E402
 from rayforge.rebuild.engine import RebuildContext, d_theta, rebuild_group  # noqa: E402
 from rayforge.train.replay import replay_steps  # noqa: E402
@@ -80,7 +79,7 @@ def main():
     start = time.perf_counter()
     cfg = run.cfg
     pop, n, _ = attack_population(run.load_dataset(), cfg)
-    attacks = prepare_attacks(cfg, pop, ShadowSet.load(attack_root(run.run_dir) / "shadows", pop))
+    attacks = stored_attacks(run, pop)
     original_model, _ = run.model_at(run.total_steps, run.device())
     original = score_all(attacks, original_model, pop.ids)
     theta_star = {k: v.detach().cpu() for k, v in original_model.named_parameters()}

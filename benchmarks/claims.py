@@ -139,13 +139,11 @@ def _final_model(run: TrainingRun, por_dir: Path) -> torch.nn.Module:
 def fitted_attacks(run: TrainingRun, pop, actors: int) -> dict:
     """The report's attacks fitted on the run's shadows: the stored set (RUN/attack/shadows, with its cached
     logits) when there is one, else shadows trained on Ray as `rayforge attack` does."""
-    from rayforge.attacks.driver import attack_root, prepare_attacks, shadow_set, train_shadows
-    from rayforge.attacks.shadows import ShadowSet
+    from rayforge.attacks.driver import attack_root, prepare_attacks, shadow_set, stored_attacks, train_shadows
     from rayforge.ray_utils import ray_session
 
-    stored = attack_root(run.run_dir) / "shadows"
-    if (stored / "shadows.json").is_file():
-        return prepare_attacks(run.cfg, pop, ShadowSet.load(stored, pop))
+    if (attack_root(run.run_dir) / "shadows" / "shadows.json").is_file():
+        return stored_attacks(run, pop)
     with ray_session(run.cfg.ray) as ray:
         states, _ = train_shadows(run, ray.put(run.detach()), actors, run.cfg.ray, True)
     return prepare_attacks(run.cfg, pop, shadow_set(run, pop, states, {}))

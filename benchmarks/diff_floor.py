@@ -26,9 +26,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from rayforge.attacks.driver import attack_root, prepare_attacks  # noqa: E402
+from rayforge.attacks.driver import stored_attacks  # noqa: E402
 from rayforge.attacks.evaluate import ForgedModelScorer, attack_population, score_all  # noqa: E402
-from rayforge.attacks.shadows import ShadowSet  # noqa: E402
 from rayforge.io import atomic_write_json  # noqa: E402
 from rayforge.por.minimal import minimal_forged_log  # noqa: E402
 from rayforge.progress import progress_bar  # noqa: E402
@@ -115,8 +114,7 @@ def main():
     device = torch.device("cpu")
     ds = run.load_dataset()
     pop, n, _ = attack_population(ds, cfg)
-    shadows = ShadowSet.load(attack_root(run.run_dir) / "shadows", pop)
-    attacks = prepare_attacks(cfg, pop, shadows)
+    attacks = stored_attacks(run, pop)
     theta_star = {k: p.detach() for k, p in run.model_at(run.total_steps, device)[0].named_parameters()}
     original = score_all(attacks, run.model_at(run.total_steps, device)[0], pop.ids)
     rng = np.random.default_rng([cfg.seed, SAMPLE_STREAM])

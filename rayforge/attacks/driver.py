@@ -109,6 +109,12 @@ def prepare_attacks(cfg: Config, pop, shadows: ShadowSet) -> dict[str, Attack]:
     return attacks
 
 
+def stored_attacks(run: TrainingRun, pop: Population) -> dict[str, Attack]:
+    """The run's attacks fitted on its stored shadow set (RUN/attack/shadows, cached logits included): what
+    benchmarks and tools score extra models with, exactly as the attack stage scored the forged ones."""
+    return prepare_attacks(run.cfg, pop, ShadowSet.load(attack_root(run.run_dir) / "shadows", pop))
+
+
 def shadow_set(run: TrainingRun, pop: Population, states: list[dict], logits: dict[str, np.ndarray]) -> ShadowSet:
     """The run's shadow set from states and cached logits (keyed by view); missing views are computed on use."""
     cfg = run.cfg
