@@ -37,7 +37,7 @@ def train_stage(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict
     out_dir = Path(out_dir)
     check_fresh_dir(out_dir)  # fail before starting Ray
     with ray_session(cfg.ray) as ray:
-        options = actor_options(cfg.ray)
+        options = actor_options(cfg.ray, cfg.train.threads)
         cfg = with_threads(cfg, max(1, int(options["num_cpus"])))
         ds = build_dataset(cfg.data, cfg.seed)
         task = ray.remote(_training_records).options(**options, num_returns="streaming", max_retries=0,

@@ -103,15 +103,25 @@ def ray_session(cfg: RayConfig):
 
 # ---------------------------------------------------------------------------------------------- resources
 
-def actor_options(cfg: RayConfig) -> dict:
-    """num_cpus / num_gpus for every actor and task of a stage (inside a session)."""
+def actor_options(cfg: RayConfig, threads: int | None = None) -> dict:
+    """num_cpus / num_gpus for every actor and task of a stage (inside a session). A CPU worker that computes with
+    `threads` torch threads (the log's count, which an exact replay needs) asks Ray for that many CPUs, so Ray
+    never packs more threads than cores on a node (oversubscribed, two 2-thread actors on 2 cores ran phase 1 ~7x
+    slower per step than one thread alone); a GPU worker computes on its GPU and keeps `ray.num_cpus_per_actor`."""
     import ray
 
     gpus = cfg.num_gpus_per_actor
     if gpus and not named_address(cfg) and not ray.cluster_resources().get("GPU"):
         warn_once(f"ray.num_gpus_per_actor={gpus:g} but this local Ray has no GPU: running on CPU")
         gpus = 0
-    return {"num_cpus": cfg.num_cpus_per_actor, "num_gpus": gpus}
+    cpus = cfg.num_cpus_per_actor if gpus or not threads else max(cfg.num_cpus_per_actor, threads)
+    if cpus > cfg.num_cpus_per_actor and not named_address(cfg):
+        largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        if largest < cpus:
+            raise RayforgeError(f"the log was trained with {threads} torch threads and an exact replay needs them, "
+                                f"but this Ray's largest node has {largest:g} CPUs; run on a node with {threads} "
+                                f"CPUs or retrain with train.threads={int(largest) or 1}")
+    return {"num_cpus": cpus, "num_gpus": gpus}
 
 
 def capacity(options: dict) -> int:

@@ -83,10 +83,10 @@ class _Slot:
 
 class _Stage:
     def __init__(self, ray, source, worker_cls: type, worker_args: tuple, ray_cfg: RayConfig, actors: int | str,
-                 save: Callable, desc: str, limit: int, bar, postfix: Callable | None):
+                 save: Callable, desc: str, limit: int, bar, postfix: Callable | None, threads: int | None = None):
         self.ray, self.source, self.save, self.desc, self.limit, self.bar = ray, source, save, desc, limit, bar
         self.postfix, self.auto, self.worker_args = postfix, actors == "auto", worker_args
-        self.options = actor_options(ray_cfg)
+        self.options = actor_options(ray_cfg, threads)
         self.per_actor = ray_cfg.units_in_flight
         self.actor_cls = ray.remote(worker_cls).options(**self.options, max_restarts=0)
         self.slots: list[_Slot] = []
@@ -226,10 +226,12 @@ class _Stage:
 
 def run_units(units, worker_cls: type, worker_args: tuple, ray_cfg: RayConfig, actors: int | str,
               save: Callable[[Any, Any], None], desc: str, total: int, progress: bool = True,
-              max_units: int | None = None, postfix: Callable[[Any, float], dict] | None = None) -> StageResult:
+              max_units: int | None = None, postfix: Callable[[Any, float], dict] | None = None,
+              threads: int | None = None) -> StageResult:
     """Run every unit of `units` (a list of Units, or a source with next_ready/requeue/counted) on a pool of
     `worker_cls(*worker_args)` actors (`actors`: a number or "auto"). `total` counts all units of the stage (done
-    ones included) for the progress bar; `max_units` stops after that many (as a Ctrl-C would)."""
+    ones included) for the progress bar; `max_units` stops after that many (as a Ctrl-C would); `threads`: the torch
+    threads each worker computes with (a CPU actor then asks Ray for that many CPUs)."""
     source = UnitQueue(units) if isinstance(units, (list, tuple)) else units
     todo = source.counted()
     limit = todo if max_units is None else min(max_units, todo)
@@ -240,6 +242,6 @@ def run_units(units, worker_cls: type, worker_args: tuple, ray_cfg: RayConfig, a
             return StageResult(0)
         with ray_session(ray_cfg) as ray:
             return _Stage(ray, source, worker_cls, worker_args, ray_cfg, actors, save, desc, limit, bar,
-                          postfix).run()
+                          postfix, threads).run()
     finally:
         bar.close()

@@ -114,6 +114,23 @@ def test_gpu_request_is_kept_for_a_named_cluster_and_dropped_on_a_local_cpu_ray(
     assert actor_options(RayConfig(num_gpus_per_actor=0)) == {"num_cpus": 1.0, "num_gpus": 0}
 
 
+def test_a_cpu_worker_asks_for_the_threads_it_computes_with(ray_local, monkeypatch):
+    from rayforge.ray_utils import actor_options
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = RayConfig(num_cpus_per_actor=1, num_gpus_per_actor=0)
+    assert actor_options(cfg, threads=1) == {"num_cpus": 1, "num_gpus": 0}
+    options = actor_options(cfg, threads=2)  # a log trained with 2 threads: one actor per 2 CPUs
+    assert options == {"num_cpus": 2, "num_gpus": 0}
+    assert pool_size("auto", options, 10) == 1
+    with pytest.raises(RayforgeError, match="trained with 3 torch threads.*largest node has 2 CPUs"):
+        actor_options(cfg, threads=3)  # would wait forever for a node that does not exist
+    # A GPU worker computes on its GPU: it keeps its CPU request (a named cluster keeps the GPU one).
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert actor_options(RayConfig(num_cpus_per_actor=1, num_gpus_per_actor=1), threads=8) == \
+        {"num_cpus": 1, "num_gpus": 1}
+
+
 def test_auto_pool_follows_the_cluster_and_the_work(ray_local):
     assert pool_size("auto", {"num_cpus": 1, "num_gpus": 0}, 10) == 2  # 2 CPUs
     assert pool_size("auto", {"num_cpus": 1, "num_gpus": 0}, 1) == 1  # capped by the work

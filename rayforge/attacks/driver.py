@@ -95,7 +95,7 @@ def train_shadows(run: TrainingRun, run_ref, actors: int | str, ray_cfg: RayConf
 
     todo = [Unit((k,), "train", (k,)) for k in range(count) if not part(k).is_file()]
     result = run_units(todo, ShadowWorker, (run_ref,), ray_cfg, actors, lambda unit, t: save_tensors(part(unit[0]), t),
-                       "shadows", count, progress)
+                       "shadows", count, progress, threads=run.threads)
     return [read_tensors(part(k), "shadow model") for k in range(count)], result.placement
 
 
@@ -207,7 +207,7 @@ def run_attack(run_dir: str | Path, strategy: str, actors: int | str, ray_cfg: R
             states, shadow_placement = train_shadows(run, run_ref, actors, ray_cfg, progress)
             stored = (states, {})
         states_ref = ray.put(stored[0])
-        task = ray.remote(fit_and_score_original).options(**actor_options(ray_cfg), max_retries=0)
+        task = ray.remote(fit_and_score_original).options(**actor_options(ray_cfg, run.threads), max_retries=0)
         try:
             fitted = ray.get(task.remote(run_ref, states_ref, stored[1], ray.put(run.checkpoint(run.total_steps)),
                                          not (root / "control.json").is_file()))

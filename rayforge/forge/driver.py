@@ -212,7 +212,7 @@ def run_forge(run_dir: str | Path, params: ForgeParams, actors: int | str, ray_c
                     "rel_err": f"{totals['rel'] / max(totals['rows'], 1):.3f}"}
 
         stage = run_units(schedule, ForgeWorker, (ray.put(run.detach()), params.to_json()), ray_cfg, actors, save,
-                          f"forge[{params.strategy}]", len(units), progress, max_units, postfix)
+                          f"forge[{params.strategy}]", len(units), progress, max_units, postfix, params.threads)
         if stage.ran < len(todo):
             return None  # stopped early: progress is on disk, a rerun resumes
         wall = elapsed_before + time.perf_counter() - start_time

@@ -148,7 +148,7 @@ def run_rebuild(run_dir: str | Path, params: RebuildParams, actors: int | str, r
                        consumer_factory, *consumer_args)
         work = [Unit(u, "rebuild", functools.partial(unit_args, *u)) for u in todo]
         result = run_units(work, RebuildWorker, worker_args, ray_cfg, actors, save, f"{stage}[{params.strategy}]",
-                           len(units), progress, max_units)
+                           len(units), progress, max_units, threads=params.threads)
         if result.ran < len(todo):
             return None
         table = pa.concat_tables([_read_unit(_unit_path(out, first)) for first, _ in units]).combine_chunks()
