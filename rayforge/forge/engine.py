@@ -113,8 +113,12 @@ class ForgeContext:
 
     def allowed_points(self, point_parts: np.ndarray, part: int) -> np.ndarray:
         r"""D \ D_k, minus content twins of D_k's points: what part k's forged batch may use."""
+        return np.flatnonzero(self.allowed_mask(point_parts, part))
+
+    def allowed_mask(self, point_parts: np.ndarray, part: int) -> np.ndarray:
+        """`allowed_points` as a mask over D (True: allowed)."""
         in_part = point_parts == part
-        return self.twins.allowed(np.flatnonzero(~in_part), in_part)
+        return self.twins.allowed_mask(in_part)
 
     def gradient_evaluator(self, model):
         if self.grads is None:  # parameters are passed functionally, so one copy serves every θ

@@ -510,15 +510,16 @@ class _Factor:
             flat = members.reshape(-1)
             _group_grads_into(self.layer, self.a.index_select(0, flat), self.d.index_select(0, flat), m, dests, done)
 
-    def combination(self, rows: torch.Tensor, weights: torch.Tensor, dests: dict, done: set) -> None:
-        """Σ_i weights[i]·g_rows[i] written into `dests` (views with one leading row)."""
+    def combinations(self, rows: torch.Tensor, weights: torch.Tensor, dests: dict, done: set) -> None:
+        """rows, weights (P, M): Σ_m weights[p, m]·g_rows[p, m] for every p, written into `dests` (P leading rows)."""
+        flat = rows.reshape(-1)
         if self.per_sample:
-            value = (weights @ self.g.index_select(0, rows)).unsqueeze(0)
+            value = torch.bmm(weights.unsqueeze(1), self.g.index_select(0, flat).view(*rows.shape, -1)).squeeze(1)
             for pname, v in self._columns(value).items():
                 _write(dests.get(pname), v, (id(self.layer), pname), done)
         else:
-            d = self.d.index_select(0, rows) * weights.view(-1, *[1] * (self.d.dim() - 1))
-            _group_grads_into(self.layer, self.a.index_select(0, rows), d, 1, dests, done)
+            d = self.d.index_select(0, flat) * weights.reshape(-1, *[1] * (self.d.dim() - 1))
+            _group_grads_into(self.layer, self.a.index_select(0, flat), d, len(rows), dests, done)
 
     def materialised(self) -> torch.Tensor:
         """(N, weight + bias floats): the per-sample gradients."""
@@ -600,7 +601,12 @@ class SampleGradients:
 
     def combination(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(dim,): Σ_i weights[i]·g_rows[i] (e.g. +1 for samples that come in, −1 for those that leave)."""
-        return self._each_factor(1, lambda f, dests, done: f.combination(rows, weights, dests, done))[0]
+        return self.combinations(rows.unsqueeze(0), weights.unsqueeze(0))[0]
+
+    def combinations(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """rows, weights (P, M) -> (P, dim): `combination` of every row of `rows` at once (pad a short row with
+        weight 0), one gather and one group sum per layer for all P."""
+        return self._each_factor(len(rows), lambda f, dests, done: f.combinations(rows, weights, dests, done))
 
     def _each_factor(self, groups: int, write) -> torch.Tensor:
         with torch.no_grad():

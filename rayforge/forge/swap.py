@@ -209,8 +209,8 @@ def forge_parts(ctx, params: dict[str, torch.Tensor], step: int, parts: list[int
         forge = _materialised(ctx, params, target, per_sample(ctx.swap_model, params, *ctx.data.batch(
             rows.points, rows.flips), ctx.swap_cache))
     charged = (len(rows.points) - (b if records is not None else 0)) / b
-    allowed = {k: ctx.allowed_points(point_parts, k) for k in parts}
-    out = {k: _forge_part(ctx, step, k, allowed[k], rows, forge) for k in parts}
+    allowed = {k: ctx.allowed_mask(point_parts, k) for k in parts}
+    out = _forge_parts(ctx, step, parts, allowed, rows, forge)
     limit = ctx.params.pool_target * float(torch.linalg.vector_norm(target))
     for round_ in range(1, ctx.params.pool_rounds + 1 if records is not None else 1):
         hard = [k for k in parts if out[k].grad_error > limit]
@@ -221,8 +221,7 @@ def forge_parts(ctx, params: dict[str, torch.Tensor], step: int, parts: list[int
         passes.append(_records(ctx, params, rows, start))
         forge = _factored(ctx, params, list(passes))
         charged += (len(rows.points) - start) / b
-        for k in hard:
-            again = _forge_part(ctx, step, k, allowed[k], rows, forge)
+        for k, again in _forge_parts(ctx, step, hard, allowed, rows, forge).items():
             out[k] = again if again.grad_error < out[k].grad_error else out[k]
     out = [out[k] for k in parts]
     # The shared per-sample passes, in minibatch units, are charged to the step's first part.
@@ -231,18 +230,26 @@ def forge_parts(ctx, params: dict[str, torch.Tensor], step: int, parts: list[int
     return out
 
 
-def _forge_part(ctx, step: int, k: int, allowed: np.ndarray, rows: "Rows", forge) -> ForgedBatch:
+def _forge_parts(ctx, step: int, parts: list[int], allowed: dict, rows: "Rows", forge) -> dict[int, ForgedBatch]:
+    """Every part's forged batch; `forge` takes the parts that hold members of their D_k all at once."""
+    jobs = {k: _part_job(ctx, step, k, allowed[k], rows) for k in parts}
+    pending = [k for k in parts if not isinstance(jobs[k], ForgedBatch)]
+    return {**jobs, **dict(zip(pending, forge([jobs[k] for k in pending])))}
+
+
+def _part_job(ctx, step: int, k: int, allowed: np.ndarray, rows: "Rows"):
+    """B_t itself when it holds nothing of D_k, else what `forge` needs: (rows, remove, cand). `allowed`: mask
+    over D of what part k may use."""
     batch, flips = rows.points[:rows.b], rows.flips[:rows.b]
-    remove = ~np.isin(batch, allowed)  # B_t ∩ D_k (and content twins of D_k)
+    remove = ~allowed[batch]  # B_t ∩ D_k (and content twins of D_k)
     if not remove.any():
         return ForgedBatch(batch.astype(np.int32), flips.copy(), 0.0, 0)  # nothing of D_k in B_t: B_t itself
-    cand = rows.b + np.flatnonzero(np.isin(rows.points[rows.b:], allowed))
+    cand = rows.b + np.flatnonzero(allowed[rows.points[rows.b:]])
     short = int(remove.sum()) - len(np.unique(rows.points[cand]))
     if short > 0:  # a small pool left too few allowed points: top it up from D \ D_k, seeded per (step, part)
-        extra = top_up(ctx, step, k, allowed, np.concatenate([batch, rows.points[cand]]), short)
-        return forge(rows.extended(*extra), remove, np.concatenate([cand, len(rows.points) + np.arange(
-            len(extra[0]))]))
-    return forge(rows, remove, cand)
+        extra = top_up(ctx, step, k, np.flatnonzero(allowed), np.concatenate([batch, rows.points[cand]]), short)
+        return rows.extended(*extra), remove, np.concatenate([cand, len(rows.points) + np.arange(len(extra[0]))])
+    return rows, remove, cand
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,27 +280,57 @@ def _records(ctx, params, rows: Rows, start: int):
 
 
 def _factored(ctx, params, passes: list):
-    """Hook path: Gram by ghost products, exact grad_error from per-sample sums: ‖Σ_forged g − Σ_B g‖/b."""
+    """Hook path: Gram by ghost products, exact grad_error from per-sample sums: ‖Σ_forged g − Σ_B g‖/b, for all
+    parts of the step in one batched sum per layer."""
     samples = ctx.grads.sample_gradients(passes, params)
     gram_t = samples.gram()
     gram = gram_t.double().cpu().numpy()
 
-    def forge(rows: Rows, remove: np.ndarray, cand: np.ndarray) -> ForgedBatch:
-        rows.check(remove, cand)
-        k_samples, k_gram = samples, gram
-        if len(rows.points) > samples.n:  # a top-up: its samples too
-            k_samples = ctx.grads.sample_gradients(passes + [_records(ctx, params, rows, samples.n)], params)
-            k_gram = k_samples.gram().double().cpu().numpy()
-        members = match(k_gram, np.flatnonzero(remove), np.flatnonzero(~remove), cand, rows.points)
-        came = members[members >= rows.b]  # the forged batch differs from B_t by these rows only
-        left = np.setdiff1d(np.arange(rows.b), members)
-        weights = np.concatenate([np.ones(len(came)), -np.ones(len(left))])
-        diff = k_samples.combination(torch.as_tensor(np.concatenate([came, left]), device=gram_t.device),
-                                     torch.as_tensor(weights, dtype=gram_t.dtype, device=gram_t.device))
-        new_batch, new_flips = rows.batch(members)
-        return ForgedBatch(new_batch.astype(np.int32), new_flips, float(torch.linalg.vector_norm(diff)), 0)
+    def forge(jobs: list) -> list[ForgedBatch]:
+        picked = []  # (rows, members, the samples they index)
+        for rows, remove, cand in jobs:
+            rows.check(remove, cand)
+            k_samples, k_gram = samples, gram
+            if len(rows.points) > samples.n:  # a top-up: its samples too
+                k_samples = ctx.grads.sample_gradients(passes + [_records(ctx, params, rows, samples.n)], params)
+                k_gram = k_samples.gram().double().cpu().numpy()
+            picked.append((rows, match(k_gram, np.flatnonzero(remove), np.flatnonzero(~remove), cand, rows.points),
+                           k_samples))
+        errors = _change_norms(picked, gram_t.device, gram_t.dtype)
+        return [ForgedBatch(*_as_batch(rows, members), err, 0) for (rows, members, _), err in zip(picked, errors)]
 
     return forge
+
+
+def _change_norms(picked: list, device, dtype) -> list[float]:
+    """‖Σ_came g − Σ_left g‖ of each forged batch (the rows that came in minus the batch rows that left), one
+    `combinations` call per set of samples (the step's, or a part's own after a top-up)."""
+    errors: list[float | None] = [None] * len(picked)
+    by_samples: dict[int, list[int]] = {}
+    for i, (_, _, k_samples) in enumerate(picked):
+        by_samples.setdefault(id(k_samples), []).append(i)
+    for members in by_samples.values():
+        changes = []
+        for i in members:
+            rows, kept, _ = picked[i]
+            came = kept[kept >= rows.b]  # the forged batch differs from B_t by these rows only
+            left = np.setdiff1d(np.arange(rows.b), kept)
+            changes.append((np.concatenate([came, left]), np.concatenate([np.ones(len(came)), -np.ones(len(left))])))
+        width = max(len(r) for r, _ in changes)
+        idx = np.zeros((len(changes), width), np.int64)
+        w = np.zeros((len(changes), width))
+        for j, (r, wt) in enumerate(changes):
+            idx[j, :len(r)], w[j, :len(r)] = r, wt
+        diff = picked[members[0]][2].combinations(torch.as_tensor(idx, device=device),
+                                                   torch.as_tensor(w, dtype=dtype, device=device))
+        for i, e in zip(members, torch.linalg.vector_norm(diff, dim=1).tolist()):
+            errors[i] = e
+    return errors
+
+
+def _as_batch(rows: "Rows", members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    new_batch, new_flips = rows.batch(members)
+    return new_batch.astype(np.int32), new_flips
 
 
 def _materialised(ctx, params, target, grads):
@@ -301,7 +338,10 @@ def _materialised(ctx, params, target, grads):
     variants (different first picks) are re-ranked by their exact batch gradients."""
     gram = (grads @ grads.T).double().cpu().numpy()  # one matrix product per step serves every part's picks
 
-    def forge(rows: Rows, remove: np.ndarray, cand: np.ndarray) -> ForgedBatch:
+    def forge(jobs: list) -> list[ForgedBatch]:
+        return [forge_one(*job) for job in jobs]
+
+    def forge_one(rows: Rows, remove: np.ndarray, cand: np.ndarray) -> ForgedBatch:
         rows.check(remove, cand)
         k_gram = gram
         if len(rows.points) > len(grads):  # a top-up: its per-sample gradients too

@@ -52,5 +52,15 @@ class Twins:
         """`candidates` minus every twin of a point where `excluded_mask` is True."""
         if len(self.twinned) == 0:
             return candidates
+        return candidates[~self._banned(excluded_mask)[candidates]]
+
+    def allowed_mask(self, excluded_mask: np.ndarray) -> np.ndarray:
+        """The points that are neither excluded nor a twin of an excluded point, as a mask."""
+        if len(self.twinned) == 0:
+            return ~excluded_mask
+        return ~excluded_mask & ~self._banned(excluded_mask)
+
+    def _banned(self, excluded_mask: np.ndarray) -> np.ndarray:
+        """Mask of the points sharing a content class with an excluded twinned point."""
         banned = np.unique(self.classes[self.twinned[excluded_mask[self.twinned]]])
-        return candidates[~np.isin(self.classes[candidates], banned)]
+        return np.isin(self.classes, banned)

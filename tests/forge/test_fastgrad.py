@@ -231,6 +231,11 @@ def test_sample_gradients_gram_and_combination_match_per_sample_gradients(name):
     torch.testing.assert_close(gram, ref @ ref.T, rtol=1e-4, atol=1e-4 * float(gram.abs().max()))
     rows, weights = torch.tensor([0, 3, 5, 8]), torch.tensor([1.0, -1.0, 2.0, 0.5])
     torch.testing.assert_close(samples.combination(rows, weights), weights @ ref[rows], **TOL)
+    # Several combinations at once (a short one padded with weight 0), as swap takes all parts of a step.
+    many_rows, many_w = torch.tensor([[0, 3, 5, 8], [2, 7, 0, 0]]), torch.tensor([[1.0, -1.0, 2.0, 0.5],
+                                                                                 [-1.0, 1.0, 0.0, 0.0]])
+    expected = torch.stack([w @ ref[r] for r, w in zip(many_rows, many_w)])
+    torch.testing.assert_close(samples.combinations(many_rows, many_w), expected, **TOL)
     members = torch.tensor([[0, 3], [5, 8]])
     torch.testing.assert_close(samples.sums(members), ref[members].sum(1), **TOL)
 
