@@ -157,7 +157,9 @@ def main():
         print(f"{'c_diff ' + attack + ' (%)':36}" + "".join(f"{rows[n]['c_diff'][attack]:14.2f}" for n in names))
     print(f"d_theta median paper / swap: {base['d_theta_median'] / rows['swap']['d_theta_median']:.1f}x")
     if full:
-        print(f"phase 1 of swap for all {run.info['n']} points on Ray ({cfg.ray.actors} actors): forge "
+        actors = len(full["placement"])
+        print(f"phase 1 of swap for all {run.info['n']} points on Ray ({actors} actor{'s' * (actors > 1)} of "
+              f"{run.threads} threads): forge "
               f"{full['forge_wall_s']:.1f} s / training {full['train_wall_s']:.1f} s = "
               f"{full['forge_over_train']:.2f}x; grad_error/grad_norm median {full['rel_error_median']:.4f}")
     if args.json:
