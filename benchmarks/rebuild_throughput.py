@@ -3,11 +3,14 @@ one (K models as one wide model, rayforge.rebuild.stacked), per worker of one th
 (`all`, `topq:Q`) as a fraction of training time.
 
     python benchmarks/rebuild_throughput.py RUN [RUN ...] [--groups 8] [--strategy paper] [--reps 2] [--topq 1]
+                                            [--profile]
 
 Each RUN must hold phase-1 output for the strategy (`rayforge forge RUN [--points N]`). The first `--groups` groups
 of the stage's group list are replayed both ways, alternately `--reps` times (the load of a shared machine hits
 both), and the fastest round of each counts; their d_θ must agree to float rounding. The throughput printed is
-measured on them, not extrapolated.
+measured on them, not extrapolated. `--profile` adds where the time goes: self CPU time per operator (torch
+profiler) of the sequential and the batched replay of the same groups, as a share of each, and the batched/sequential
+ratio of each operator's time per model step (which kernels stacking speeds up, and which it does not).
 """
 
 from __future__ import annotations
@@ -47,6 +50,26 @@ def replay_rates(ctx: RebuildContext, groups: list[int], reps: int) -> dict:
             "batched_over_sequential": best["batched"] / best["sequential"], "d_theta_max_rel_diff": diff}
 
 
+def operator_profile(ctx: RebuildContext, groups: list[int], top: int = 8) -> list[tuple[str, float, float, float]]:
+    """[(operator, share of sequential, share of batched, batched/sequential time per model step)] for the `top`
+    operators of the batched replay."""
+    from torch.profiler import ProfilerActivity, profile
+
+    totals = {}
+    for method in ("sequential", "batched"):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            steps = sum(r.steps for r in rebuild_unit(ctx, groups, method))
+        totals[method] = ({e.key: e.self_cpu_time_total for e in prof.key_averages()}, steps)
+    (seq, seq_steps), (bat, bat_steps) = totals["sequential"], totals["batched"]
+    seq_all, bat_all = sum(seq.values()), sum(bat.values())
+    rows = []
+    for name in sorted(bat, key=bat.get, reverse=True)[:top]:
+        per_seq = seq.get(name, 0.0) / seq_steps
+        rows.append((name, seq.get(name, 0.0) / seq_all, bat[name] / bat_all,
+                     (bat[name] / bat_steps) / per_seq if per_seq else float("nan")))
+    return rows
+
+
 def verify_times(run: TrainingRun, strategy: str, point: int, topq: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         por_dir = Path(tmp) / "por"
@@ -61,7 +84,7 @@ def verify_times(run: TrainingRun, strategy: str, point: int, topq: int) -> dict
     return out
 
 
-def measure(run_dir: Path, strategy: str, groups: int, reps: int, topq: int) -> dict:
+def measure(run_dir: Path, strategy: str, groups: int, reps: int, topq: int, profile: bool = False) -> dict:
     run = TrainingRun.open(run_dir)
     torch.set_num_threads(1)
     ctx = RebuildContext(run, strategy, threads=1)
@@ -75,6 +98,8 @@ def measure(run_dir: Path, strategy: str, groups: int, reps: int, topq: int) -> 
     for mode in ("all", f"topq:{topq}"):
         row[f"verify_{mode}_over_train"] = row[f"verify_{mode}_s"] / train_wall
     row["load_average"] = [load, os.getloadavg()[0]]
+    if profile:
+        row["profile"] = operator_profile(ctx, chosen)
     return row
 
 
@@ -85,11 +110,12 @@ def main():
     parser.add_argument("--strategy", default="paper")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--topq", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="time per operator, sequential vs batched")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = []
     for run_dir in args.runs:
-        r = measure(run_dir, args.strategy, args.groups, args.reps, args.topq)
+        r = measure(run_dir, args.strategy, args.groups, args.reps, args.topq, args.profile)
         rows.append(r)
         q = f"topq:{args.topq}"
         print(f"\n[{run_dir}] n={r['n']} tau={r['tau']} ({r['groups_timed']} groups, 1 thread per worker; load "
@@ -100,6 +126,9 @@ def main():
         print(f"  PoR export {r['por_export_s']:.1f} s; verify all {r['verify_all_s']:.1f} s "
               f"({r['verify_all_over_train']:.3f} x training), {q} {r[f'verify_{q}_s']:.1f} s "
               f"({r[f'verify_{q}_over_train']:.3f} x training {r['train_wall_s']:.1f} s)")
+        for name, seq_share, bat_share, ratio in r.get("profile", []):
+            print(f"  {name:32} {100 * seq_share:5.1f} % of sequential, {100 * bat_share:5.1f} % of batched; "
+                  f"batched/sequential time per model step {ratio:.2f}")
     if args.json:
         atomic_write_json(args.json, rows)
 

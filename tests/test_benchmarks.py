@@ -125,3 +125,23 @@ def test_claims_changes_splits_diff_common_and_validation():
     assert claims.point_id({"kind": "exclude", "point": 1}, n, {}) == 1
     assert "not a held-out point" in claims.point_id({"kind": "include", "test": 7}, n, {})
     assert claims.point_id({"kind": "include", "test": 7}, n, {7: n + 3}) == n + 3
+
+
+# ---------------------------------------------------------------------------------------- benchmarks/rebuild_throughput.py
+
+def test_rebuild_profile_splits_both_replays_by_operator(forged_run):
+    import importlib.util
+
+    from rayforge.rebuild.engine import RebuildContext
+    from rayforge.train.run import TrainingRun
+
+    spec = importlib.util.spec_from_file_location("rebuild_throughput", ROOT / "benchmarks" / "rebuild_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.operator_profile(RebuildContext(TrainingRun.open(forged_run), "paper", threads=1), [3, 4, 5], top=5)
+    assert len(rows) == 5
+    names = [r[0] for r in rows]
+    assert len(set(names)) == 5 and any("conv" in n or "addmm" in n or "mm" in n for n in names)
+    for _, seq_share, bat_share, _ in rows:
+        assert 0 <= seq_share <= 1 and 0 < bat_share <= 1
+    assert sum(r[2] for r in rows) <= 1 + 1e-9
