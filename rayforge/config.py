@@ -60,8 +60,9 @@ class ForgeConfig:
     pool_size: int = 256  # swap/hybrid strategies: substitutes drawn per step
     pool_target: float = 0.0  # swap/hybrid: parts whose grad_error/grad_norm stays above this get more pool ...
     pool_rounds: int = 0  # ... at most this many times (another pool_size each); 0: a fixed pool
-    # Units of work on Ray: (step window, parts). window: steps per unit (null: the log cut into about 64 windows,
-    # never across a checkpoint); parts_per_unit: parts forged together (null: all κ, which share their samples).
+    # Units of work on Ray: (step window, parts). window: steps per unit, never across a checkpoint (null: whole
+    # checkpoint segments when they give every actor 4 units, else the log cut into about 64 windows);
+    # parts_per_unit: parts forged together (null: all κ, which share their samples).
     window: Optional[int] = None
     parts_per_unit: Optional[int] = None
 

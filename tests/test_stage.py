@@ -55,7 +55,7 @@ def test_forge_on_logical_gpus_is_byte_identical_and_placed(ray_gpus, trained_ru
     for name in ("gpu", "cpu"):
         shutil.copytree(trained_run, tmp_path / name)
     run = TrainingRun.open(tmp_path / "gpu")
-    params = ForgeParams.from_config(run.cfg, kappa=2, mu=3, lam=2, chunk=3, parts_per_unit=1)
+    params = ForgeParams.from_config(run.cfg, kappa=2, mu=3, lam=2, chunk=3, parts_per_unit=1, window=1)
     ray_cfg = RayConfig(num_gpus_per_actor=1, num_cpus_per_actor=1)
     summary = run_forge(tmp_path / "gpu", params, "auto", ray_cfg, run.cfg.wandb, progress=False)
     forge_in_process(tmp_path / "cpu", kappa=2, mu=3, lam=2, parts_per_unit=1)  # parts alone: their own rounding

@@ -4,8 +4,11 @@ Units are (step window, parts) (`plan_units`). The driver alone reads the run di
 the run with its training tensor (one `ray.put`), and per unit θ at the window start, through the object store. A
 window that starts on a checkpoint gets the checkpoint; the other windows of a checkpoint segment get the states a
 helper call (`ForgeWorker.trajectory`, one per segment, on any actor) stepped the original log to, so κ × windows
-units can run at once, not one per segment. Units are handed out as actors free up (bounded in flight per actor:
-rayforge.stage), and only while their θ is needed does the driver hold it.
+units can run at once, not one per segment. The helpers re-walk about one training in all, so when the pool is
+known (a number of actors, or "auto" on a private local Ray) and whole segments give every actor
+SEGMENT_UNITS_PER_ACTOR units, the units are whole segments and nothing is re-walked; the cut is recorded in
+`progress.json` on the first call, so a resume with another pool finds its units. Units are handed out as actors
+free up (bounded in flight per actor: rayforge.stage), and only while their θ is needed does the driver hold it.
 
 The driver alone writes: each finished unit goes to its own file at once (atomic) and its forging error to the
 stage's metrics (live, per (step, part)), so a stopped run (Ctrl-C, killed driver or actor) loses at most the units in
@@ -19,6 +22,7 @@ import bisect
 import collections
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,7 +35,7 @@ from rayforge.forge.engine import (ForgeContext, ForgeParams, auto_window, forge
                                    unit_table)
 from rayforge.forge.splits import Splits
 from rayforge.io import atomic_write_json, write_parquet
-from rayforge.ray_utils import ray_session
+from rayforge.ray_utils import actor_options, named_address, pool_size, ray_session
 from rayforge.stage import StageWorker, Unit, run_units
 from rayforge.tracking import MetricLogger
 from rayforge.train.run import TrainingRun
@@ -145,7 +149,7 @@ def _finish(out: Path, run: TrainingRun, params: ForgeParams, units, wall: float
     return {
         "strategy": params.strategy, "rows": len(table), "steps": int(run.total_steps),
         "grad_evals": round(float(evals), 2), "grad_evals_per_step": evals / run.total_steps,
-        "trajectory_steps": record["trajectory_steps"], "window": params.window or auto_window(run.total_steps),
+        "trajectory_steps": record["trajectory_steps"], "window": record["window"] or "segment",
         "units": len(units), "forge_wall_s": wall, "candidates_per_s": evals / wall if wall else None,
         "train_wall_s": train_wall, "forge_over_train": wall / train_wall if train_wall else None,
         "rel_error_median": float(np.median(rel)), "rel_error_p90": float(np.quantile(rel, 0.9)),
@@ -170,9 +174,7 @@ def run_forge(run_dir: str | Path, params: ForgeParams, actors: int | str, ray_c
     out = forge_dir(run.run_dir, params.strategy)
     prepare_output(out, params)
     splits = Splits(int(run.info["n"]), params.lam, params.kappa, params.seed)
-    units = plan_units(run.checkpoints, params.kappa, needed_parts(splits, run.steps, params.points),
-                       params.parts_per_unit, params.window or auto_window(run.total_steps))
-    todo = [u for u in units if read_unit(unit_path(out, u)) is None]
+    needed = needed_parts(splits, run.steps, params.points)
     progress_path = out / "progress.json"  # gradient evaluations per unit and driver time, summed over resumes
     record = _read_progress(progress_path)
     elapsed_before, start_time = record["elapsed_s"], time.perf_counter()
@@ -187,6 +189,13 @@ def run_forge(run_dir: str | Path, params: ForgeParams, actors: int | str, ray_c
 
     with MetricLogger(run.run_dir, f"forge-{params.strategy}", wandb_cfg, params.to_json(),
                       run_name=run.cfg.name) as logger, ray_session(ray_cfg) as ray:
+        if record["window"] is None:  # the cut is chosen once, so a resume finds the units it left
+            record["window"] = params.window or auto_window(
+                run.total_steps, len(plan_units(run.checkpoints, params.kappa, needed, params.parts_per_unit)),
+                _known_pool(actors, ray_cfg, params.threads))
+            write_progress()
+        units = plan_units(run.checkpoints, params.kappa, needed, params.parts_per_unit, record["window"] or None)
+        todo = [u for u in units if read_unit(unit_path(out, u)) is None]
         schedule = ForgeSchedule(ray, run, todo, stepped)
 
         def save(unit, result) -> None:
@@ -229,5 +238,15 @@ def _read_progress(path: Path) -> dict:
         record = json.loads(path.read_text()) if path.is_file() else {}
     except json.JSONDecodeError:
         record = {}
+    window = record.get("window")
     return {"evals": dict(record.get("evals", {})), "elapsed_s": float(record.get("elapsed_s", 0.0)),
-            "trajectory_steps": int(record.get("trajectory_steps", 0))}
+            "trajectory_steps": int(record.get("trajectory_steps", 0)),
+            "window": int(window) if isinstance(window, int) and window >= 0 else None}
+
+
+def _known_pool(actors: int | str, ray_cfg: RayConfig, threads: int | None) -> int | None:
+    """The number of actors the stage will run, when it is known before it starts: asked for, or "auto" on a private
+    local Ray (fixed resources); None for "auto" on a named cluster, where nodes may still join."""
+    if actors == "auto" and named_address(ray_cfg):
+        return None
+    return pool_size(actors, actor_options(ray_cfg, threads), sys.maxsize)

@@ -66,7 +66,8 @@ class ForgeParams:
     pool_size: int = 256  # swap/hybrid: substitutes drawn per step (per-sample gradients, both flips if used)
     pool_target: float = 0.0  # swap/hybrid (hook path): parts above this grad_error/grad_norm get more pool ...
     pool_rounds: int = 0  # ... this many times at most (another pool_size each); see rayforge.forge.swap
-    window: int | None = None  # steps per unit of work (default: `auto_window`); no effect on the output bytes
+    window: int | None = None  # steps per unit of work (default: `auto_window`; 0 = whole checkpoint segments);
+    # no effect on the output bytes
 
     @classmethod
     def from_config(cls, cfg: Config, **overrides) -> "ForgeParams":
@@ -149,9 +150,15 @@ def needed_parts(splits: Splits, steps, points: int | None) -> list[set[int]] | 
 
 
 WINDOWS = 64  # the default cut: about this many step windows over the log, so units outnumber actors
+SEGMENT_UNITS_PER_ACTOR = 4  # whole checkpoint segments are units when there are at least this many per actor
 
 
-def auto_window(total_steps: int) -> int:
+def auto_window(total_steps: int, segment_units: int | None = None, actors: int | None = None) -> int:
+    """Steps per phase-1 unit; 0 = whole checkpoint segments. Windows inside a segment start from states a helper
+    call walks the original log to (about one more training in all), which buys units for many actors; when the
+    pool is known and the segments alone give it SEGMENT_UNITS_PER_ACTOR units per actor, nothing is re-walked."""
+    if segment_units is not None and actors and segment_units >= SEGMENT_UNITS_PER_ACTOR * actors:
+        return 0
     return max(1, -(-total_steps // WINDOWS))
 
 
@@ -262,7 +269,7 @@ def forge_dir(run_dir: Path, strategy: str) -> Path:
 
 
 def unit_path(out: Path, unit: tuple) -> Path:
-    return out / "units" / f"seg-{unit[0]:08d}-part-{unit[2][0]:04d}.parquet"
+    return out / "units" / f"seg-{unit[0]:08d}-{unit[1]:08d}-part-{unit[2][0]:04d}.parquet"
 
 
 def prepare_output(out: Path, params, hint: str = "choose a different strategy directory") -> None:

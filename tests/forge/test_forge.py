@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -184,6 +185,25 @@ def test_one_and_two_actors_and_resume_give_identical_bytes(ray_local, trained_r
     # The same bytes as the plain (Ray-free) functions produce.
     local = _forge_local(runs["one"], params)
     assert local.equals(table)
+
+
+def test_whole_segments_when_they_feed_the_pool_and_the_cut_is_kept_on_resume(ray_local, trained_run, tmp_path):
+    """One actor and enough segments: units are whole checkpoint segments (nothing re-walked), the bytes are the
+    windowed run's; a resume with more actors keeps the recorded cut."""
+    for name in ("windows", "segments"):
+        shutil.copytree(trained_run, tmp_path / name)
+    run = TrainingRun.open(tmp_path / "windows")
+    cfg, segments = run.cfg, len(run.checkpoints) - 1
+    assert segments >= 2
+    params = _params(run, kappa=2, mu=3)
+    each = dataclasses.replace(params, parts_per_unit=1)  # 2 units per segment: >= 4 for one actor
+    windowed = run_forge(tmp_path / "windows", dataclasses.replace(each, window=1), 1, cfg.ray, cfg.wandb,
+                         progress=False)
+    assert windowed["trajectory_steps"] > 0 and windowed["window"] == 1
+    assert run_forge(tmp_path / "segments", each, 1, cfg.ray, cfg.wandb, progress=False, max_units=1) is None
+    whole = run_forge(tmp_path / "segments", each, 2, cfg.ray, cfg.wandb, progress=False)  # resumed, 2 actors
+    assert whole["window"] == "segment" and whole["trajectory_steps"] == 0 and whole["units"] == 2 * segments
+    assert _forged_bytes(tmp_path / "segments") == _forged_bytes(tmp_path / "windows")
 
 
 def test_resume_with_other_parameters_is_refused(ray_local, trained_run, tmp_path):
