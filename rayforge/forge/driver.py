@@ -144,7 +144,7 @@ def _finish(out: Path, run: TrainingRun, params: ForgeParams, units, wall: float
     table = merge_units(out, units)
     err = table.column("grad_error").to_numpy()
     rel = err / np.maximum(table.column("grad_norm").to_numpy(), 1e-30)
-    evals = sum(record["evals"].values())
+    evals = sum(record["evals"].get(_evals_key(u), 0.0) for u in units)  # this cut's units only
     train_wall = _train_wall(run)
     return {
         "strategy": params.strategy, "rows": len(table), "steps": int(run.total_steps),
@@ -200,7 +200,7 @@ def run_forge(run_dir: str | Path, params: ForgeParams, actors: int | str, ray_c
 
         def save(unit, result) -> None:
             # Record first, then the unit: a kill in between only redoes the unit, whose count is the same.
-            record["evals"][f"{unit[0]}:{unit[2][0]}"] = result["grad_evals"]
+            record["evals"][_evals_key(unit)] = result["grad_evals"]
             write_progress()
             cols = result["columns"]
             write_parquet(unit_path(out, unit), unit_table(cols))
@@ -231,6 +231,10 @@ def run_forge(run_dir: str | Path, params: ForgeParams, actors: int | str, ray_c
         logger.summary(summary)
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _evals_key(unit: tuple) -> str:
+    return f"{unit[0]}-{unit[1]}:{unit[2][0]}"
 
 
 def _read_progress(path: Path) -> dict:

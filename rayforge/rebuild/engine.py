@@ -56,11 +56,11 @@ class RebuildResult:
 
 
 # The replay a worker runs when asked for "auto", per device type. CPU: measured by
-# benchmarks/rebuild_throughput.py (README, "Measured figures"): the wide model gains 1.02x (LeNet5, b=100) to 1.39x
-# (b=32, K=8) per worker, because on CPU the kernels, not launches, are the cost: stacked convolutions run 1.3-1.8x
-# faster than K separate ones and element-wise layers (tanh, ~20% of a step) not at all; too little to give up the
-# sequential replay's bit-identity with `verify`. CUDA: the wide model, whose one launch per layer serves K models
-# (benchmarks/gpu.py measures it where a GPU is present).
+# benchmarks/rebuild_throughput.py (README, "Measured figures"): the wide model gains 1.01x (ResNet-mini, BatchNorm)
+# and 1.02x (LeNet5, b=100) to 1.2-1.4x (LeNet5, b=32, K=8) per worker, because on CPU the kernels, not launches, are
+# the cost (`--profile`): stacked convolutions take 0.72-0.78x the time per model step of separate ones, tanh the
+# same time (~18% of a batched step); too little to give up the sequential replay's bit-identity with `verify`.
+# CUDA: the wide model, whose one launch per layer serves K models (benchmarks/gpu.py measures it where a GPU is).
 DEFAULT_METHOD = {"cpu": "sequential", "cuda": "batched"}
 
 
