@@ -24,7 +24,6 @@ from rayforge.ray_utils import actor_options, placement, pool_size, ray_session,
 
 MAX_REPLACEMENTS_PER_ACTOR = 3
 GROW_EVERY_S = 10.0  # how often an "auto" pool looks for new capacity
-WAKE_S = 1.0  # the driver's longest wait: Python handles Ctrl-C only between waits, and a unit may take minutes
 
 
 @dataclass
@@ -205,8 +204,9 @@ class _Stage:
                 waiting = list(self.inflight) + list(probes)
                 if not waiting:
                     raise RuntimeError(f"{self.desc}: units left but none can be handed out")
+                timeout = max(0.1, GROW_EVERY_S - (time.perf_counter() - self.last_grow)) if self.auto else None
                 self.driver_s += time.perf_counter() - self.last_event
-                ready, _ = self.ray.wait(waiting, num_returns=1, timeout=WAKE_S)  # also when growing "auto" pools
+                ready, _ = self.ray.wait(waiting, num_returns=1, timeout=timeout)
                 self._account()
                 if self.auto and time.perf_counter() - self.last_grow >= GROW_EVERY_S:
                     self._grow()
