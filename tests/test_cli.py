@@ -108,8 +108,11 @@ def _interrupt(args: list[str], cwd: Path, ready: bytes, delay: float = 0.0, tim
                                                                                                         str]:
     """Run `rayforge ARGS`, send SIGINT `delay` seconds after `ready` shows on its stderr; (exit code, stderr)."""
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    # SIGINT's default action in the child, even when the suite itself was started in the background (where the
+    # shell ignores SIGINT, the ignore is inherited, and Python then installs no KeyboardInterrupt handler).
     proc = subprocess.Popen([sys.executable, "-m", "rayforge.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err, deadline = b"", time.monotonic() + timeout
     try:
         while ready not in err and time.monotonic() < deadline and proc.poll() is None:
